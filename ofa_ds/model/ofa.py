@@ -1,0 +1,306 @@
+"""The OFA encoder-decoder (ofa-reference.md §3-§4), single-device PyTorch, parameter names = the official keys.
+
+What is unusual about OFA, and what this file does about it:
+  * Image tokens come first: a truncated ResNet turns the image into h·w tokens (own LayerNorm, type embedding 1),
+    then the text tokens follow (type embedding 0). No position embedding is ever *added* to a token embedding
+    (disable_entangle in every released config): positions enter only through attention biases.
+  * Absolute-position bias, shared by all layers: layer-normed position embeddings → pos_q/pos_k linears →
+    q·kᵀ per head. Relative-position bias, one table per layer: 1-D buckets on the text×text block, 2-D buckets
+    on the image×image block, nothing on the mixed blocks. Cross-attention gets only the absolute term, its key
+    side being the encoder's normalised position embeddings (returned in `EncoderOut.pos_embed`).
+  * The decoder generates either text or image codes (`code_masks`, per sample): code samples use image position
+    ids, image LayerNorms and 2-D relative buckets. When `code_masks` is given both variants are computed and
+    selected per sample, so every rank runs the same modules whatever its batch holds (ZeRO-3 needs that).
+  * One V×C token table is shared by the encoder input, the decoder input and the output projection.
+  * `sample_patch_num` keeps a random subset of image tokens (with their true position ids) per sample.
+  * Incremental decoding: pass a `cache` dict to `decode`; positions already cached are skipped, biases are
+    computed for the whole prefix and sliced to the new rows (§4.8).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ofa_ds.config import ModelConfig
+from ofa_ds.model.layers import DecoderLayer, EncoderLayer, LayerNorm
+from ofa_ds.model.positions import (image_position_ids, make_decoder_image_position_idx, make_image_rp_bucket,
+                                    make_token_rp_bucket)
+from ofa_ds.model.resnet import ResNet, linspace
+
+PAD = 1
+
+
+@dataclass
+class EncoderOut:
+    """Encoder result, batch-major. `padding_mask` is None when nothing in the batch is padding."""
+
+    hidden: Tensor                   # [B, S, C] after the final LayerNorm
+    padding_mask: Tensor | None      # [B, S] bool, True = padding
+    pos_embed: Tensor                # [B, S, C] normalised position embeddings (image part first)
+
+    def index_select(self, order: Tensor) -> "EncoderOut":
+        """Reorder/repeat samples (beam search, candidate scoring)."""
+        pm = None if self.padding_mask is None else self.padding_mask.index_select(0, order)
+        return EncoderOut(self.hidden.index_select(0, order), pm, self.pos_embed.index_select(0, order))
+
+
+def _abs_bias(q_lin: nn.Linear, k_lin: nn.Linear, pq: Tensor, pk: Tensor, heads: int, scaling: float) -> Tensor:
+    """Per-head q·kᵀ of projected position embeddings: [B, Lq, C] × [B, Lk, C] → [B, H, Lq, Lk]."""
+    q = q_lin(pq).unflatten(-1, (heads, -1)).transpose(1, 2) * scaling
+    k = k_lin(pk).unflatten(-1, (heads, -1)).transpose(1, 2)
+    return torch.matmul(q, k.transpose(-1, -2))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, embed_tokens: nn.Embedding):
+        super().__init__()
+        c, be = cfg.d_model, cfg.kernel_backend
+        self.cfg = cfg
+        self.register_buffer("version", torch.tensor([3.0]))
+        self.embed_tokens = embed_tokens
+        self.layernorm_embedding = LayerNorm(c, be)
+        self.type_embedding = nn.Embedding(2, c)
+        self.embed_images = ResNet(cfg.resnet_layers, cfg.frozen_bn, cfg.resnet_drop_path_rate)
+        self.image_proj = nn.Linear(1024, c)
+        self.patch_layernorm_embedding = LayerNorm(c, be)
+        self.embed_positions = nn.Embedding(cfg.max_source_positions + 2, c)
+        self.embed_image_positions = nn.Embedding(cfg.image_bucket_size ** 2 + 1, c)
+        self.pos_ln = LayerNorm(c, be)
+        self.image_pos_ln = LayerNorm(c, be)
+        self.pos_q_linear = nn.Linear(c, c)
+        self.pos_k_linear = nn.Linear(c, c)
+        self.pos_scaling = (cfg.head_dim * cfg.attn_scale_factor) ** -0.5
+        rates = linspace(cfg.encoder_drop_path_rate, cfg.encoder_layers)
+        self.layers = nn.ModuleList(EncoderLayer(cfg, r) for r in rates)
+        self.layer_norm = LayerNorm(c, be)
+        n_img_rel = (2 * cfg.image_bucket_size - 1) ** 2 + 3
+        self.token_rel_pos_table_list = nn.ModuleList(
+            nn.Embedding(2 * cfg.token_bucket_size - 1, cfg.num_heads) for _ in range(cfg.encoder_layers))
+        self.image_rel_pos_table_list = nn.ModuleList(
+            nn.Embedding(n_img_rel, cfg.num_heads) for _ in range(cfg.encoder_layers))
+        self.register_buffer("token_rp_bucket", make_token_rp_bucket(cfg.token_bucket_size, cfg.max_source_positions))
+        self.register_buffer("image_rp_bucket", make_image_rp_bucket(cfg.image_bucket_size))
+
+    # -- embedding block -------------------------------------------------------------------------------------------
+    def embed(self, src_tokens: Tensor, patch_images: Tensor | None = None, patch_masks: Tensor | None = None,
+              sample_patch_num: int | None = None) -> dict:
+        """Token + image embeddings and everything the layers need: x, padding mask, position embeddings,
+        the shared absolute bias and the image position ids. Returned as a dict of tensors (pipeline friendly)."""
+        b, L = src_tokens.shape
+        x = self.layernorm_embedding(self.embed_tokens(src_tokens) + self.type_embedding.weight[0])
+        pad = src_tokens.eq(PAD)
+        pos = self.pos_ln(self.embed_positions(torch.arange(L, device=src_tokens.device)))[None].expand(b, -1, -1)
+        image_pid = None
+        if patch_images is not None:
+            feats = self.embed_images(patch_images)                                   # [B, 1024, h, w]
+            h, w = feats.shape[-2:]
+            feats = feats.flatten(2).transpose(1, 2)                                  # [B, h·w, 1024]
+            image_pid = image_position_ids(h, w, self.cfg.image_bucket_size, feats.device)[None].expand(b, -1)
+            img_pad = torch.zeros(b, h * w, dtype=torch.bool, device=feats.device)
+            if patch_masks is not None:
+                img_pad = img_pad | ~patch_masks.to(torch.bool)[:, None]
+            if sample_patch_num is not None and sample_patch_num < h * w:
+                order = torch.stack([torch.randperm(h * w, device=feats.device)[:sample_patch_num]
+                                     for _ in range(b)])                              # [B, k]
+                feats = feats.gather(1, order[..., None].expand(-1, -1, feats.shape[-1]))
+                image_pid = image_pid.gather(1, order)
+                img_pad = img_pad.gather(1, order)
+            xi = self.patch_layernorm_embedding(self.image_proj(feats) + self.type_embedding.weight[1])
+            pi = self.image_pos_ln(self.embed_image_positions(image_pid))
+            x, pad, pos = torch.cat([xi, x], 1), torch.cat([img_pad, pad], 1), torch.cat([pi, pos], 1)
+        x = F.dropout(x, self.cfg.dropout, self.training)
+        has_pad = bool(pad.any())
+        if has_pad:
+            x = x * (~pad)[..., None].to(x.dtype)
+        abs_bias = _abs_bias(self.pos_q_linear, self.pos_k_linear, pos, pos, self.cfg.num_heads, self.pos_scaling)
+        return {"x": x, "padding_mask": pad if has_pad else None, "pos_embed": pos, "abs_bias": abs_bias,
+                "image_pid": image_pid, "num_text": L}
+
+    def layer_bias(self, idx: int, state: dict) -> Tensor:
+        """Self-attention bias of layer idx: shared absolute bias + this layer's relative blocks, [B, H, S, S]."""
+        bias = state["abs_bias"].clone()
+        L = state["num_text"]
+        rel_t = self.token_rel_pos_table_list[idx](self.token_rp_bucket[:L, :L])    # [L, L, H]
+        bias[:, :, -L:, -L:] += rel_t.permute(2, 0, 1)[None]
+        pid = state["image_pid"]
+        if pid is not None:
+            n = pid.shape[1]
+            buckets = self.image_rp_bucket[pid[:, :, None], pid[:, None, :]]         # [B, N, N]
+            bias[:, :, :n, :n] += self.image_rel_pos_table_list[idx](buckets).permute(0, 3, 1, 2)
+        return bias
+
+    def forward(self, src_tokens: Tensor, patch_images: Tensor | None = None, patch_masks: Tensor | None = None,
+                sample_patch_num: int | None = None) -> EncoderOut:
+        state = self.embed(src_tokens, patch_images, patch_masks, sample_patch_num)
+        x = state["x"]
+        for idx, layer in enumerate(self.layers):
+            x = layer(x, state["padding_mask"], self.layer_bias(idx, state))
+        return EncoderOut(self.layer_norm(x), state["padding_mask"], state["pos_embed"])
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, embed_tokens: nn.Embedding):
+        super().__init__()
+        c, be = cfg.d_model, cfg.kernel_backend
+        self.cfg = cfg
+        self.register_buffer("version", torch.tensor([3.0]))
+        self.embed_tokens = embed_tokens
+        self.layernorm_embedding = LayerNorm(c, be)
+        self.embed_positions = nn.Embedding(cfg.max_target_positions + 2, c)
+        self.embed_image_positions = nn.Embedding(cfg.image_bucket_size ** 2 + 1, c)
+        self.pos_ln = LayerNorm(c, be)
+        self.image_pos_ln = LayerNorm(c, be)
+        self.self_pos_q_linear = nn.Linear(c, c)
+        self.self_pos_k_linear = nn.Linear(c, c)
+        self.cross_pos_q_linear = nn.Linear(c, c)
+        self.cross_pos_k_linear = nn.Linear(c, c)
+        self.code_layernorm_embedding = LayerNorm(c, be)
+        self.pos_scaling = (cfg.head_dim * cfg.attn_scale_factor) ** -0.5
+        rates = linspace(cfg.decoder_drop_path_rate, cfg.decoder_layers)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, r) for r in rates)
+        self.layer_norm = LayerNorm(c, be)
+        self.output_projection = nn.Linear(c, cfg.vocab_size, bias=False)
+        self.output_projection.weight = embed_tokens.weight                           # tied
+        n_img_rel = (2 * cfg.image_bucket_size - 1) ** 2 + 3
+        self.token_rel_pos_table_list = nn.ModuleList(
+            nn.Embedding(2 * cfg.token_bucket_size - 1, cfg.num_heads) for _ in range(cfg.decoder_layers))
+        self.image_rel_pos_table_list = nn.ModuleList(
+            nn.Embedding(n_img_rel, cfg.num_heads) for _ in range(cfg.decoder_layers))
+        self.register_buffer("token_rp_bucket", make_token_rp_bucket(cfg.token_bucket_size, cfg.max_target_positions))
+        self.register_buffer("image_rp_bucket", make_image_rp_bucket(cfg.image_bucket_size))
+        self.register_buffer("image_position_idx", make_decoder_image_position_idx(cfg.code_image_size,
+                                                                                   cfg.image_bucket_size))
+
+    def embed(self, prev_output_tokens: Tensor, enc: EncoderOut, code_masks: Tensor | None = None,
+              start: int = 0) -> dict:
+        """Input embeddings of positions start… and the biases every layer shares (absolute self and cross)."""
+        b, T = prev_output_tokens.shape
+        dev = prev_output_tokens.device
+        heads, s = self.cfg.num_heads, self.pos_scaling
+        tok_pos = self.embed_positions(torch.arange(T, device=dev))[None]              # [1, T, C]
+        cm = None
+        if code_masks is not None:
+            if T > self.image_position_idx.numel():
+                raise ValueError(f"decoder length {T} exceeds image_position_idx ({self.image_position_idx.numel()})")
+            cm = code_masks.to(torch.bool)[:, None, None]                               # [B, 1, 1]
+            img_pos = self.embed_image_positions(self.image_position_idx[:T])[None]
+            raw = torch.where(cm, img_pos, tok_pos)                                      # [B, T, C]
+            pos = torch.where(cm, self.image_pos_ln(raw), self.pos_ln(raw))
+        else:
+            pos = self.pos_ln(tok_pos).expand(b, -1, -1)
+        self_abs = _abs_bias(self.self_pos_q_linear, self.self_pos_k_linear, pos, pos, heads, s)
+        cross = _abs_bias(self.cross_pos_q_linear, self.cross_pos_k_linear, pos[:, start:], enc.pos_embed, heads, s)
+        x = self.embed_tokens(prev_output_tokens[:, start:])
+        if cm is None:
+            x = self.layernorm_embedding(x)
+        else:
+            x = torch.where(cm, self.code_layernorm_embedding(x), self.layernorm_embedding(x))
+        x = F.dropout(x, self.cfg.dropout, self.training)
+        pad = prev_output_tokens.eq(PAD)
+        return {"x": x, "self_abs_bias": self_abs, "cross_bias": cross, "code_masks": cm,
+                "self_padding_mask": pad if bool(pad.any()) else None, "start": start, "length": T}
+
+    def layer_bias(self, idx: int, state: dict) -> Tensor:
+        """Self-attention bias of layer idx for the query rows start…T−1: [B, H, T−start, T]."""
+        T, start, cm = state["length"], state["start"], state["code_masks"]
+        rel = self.token_rel_pos_table_list[idx](self.token_rp_bucket[:T, :T]).permute(2, 0, 1)[None]
+        if cm is not None:
+            pid = self.image_position_idx[:T]
+            img_rel = self.image_rel_pos_table_list[idx](self.image_rp_bucket[pid[:, None], pid[None, :]])
+            rel = torch.where(cm[..., None], img_rel.permute(2, 0, 1)[None], rel)
+        return (state["self_abs_bias"] + rel)[:, :, start:]
+
+    def forward(self, prev_output_tokens: Tensor, enc: EncoderOut, code_masks: Tensor | None = None,
+                cache: dict | None = None, features_only: bool = False) -> Tensor:
+        start = 0
+        if cache is not None:
+            start = cache.get("length", 0)
+            if start >= prev_output_tokens.shape[1]:
+                raise ValueError(f"cache already holds {start} positions; give the prefix plus new tokens")
+        state = self.embed(prev_output_tokens, enc, code_masks, start)
+        x = state["x"]
+        for idx, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache.setdefault(idx, {})
+            x = layer(x, enc.hidden, enc.padding_mask, self.layer_bias(idx, state), state["cross_bias"],
+                      state["self_padding_mask"], layer_cache)
+        if cache is not None:
+            cache["length"] = prev_output_tokens.shape[1]
+        x = self.layer_norm(x)
+        return x if features_only else self.output_projection(x)
+
+
+def reorder_cache(cache: dict, order: Tensor) -> None:
+    """Reorder (beam search) or repeat the batch dimension of every cached key/value in place."""
+    for key, layer_cache in cache.items():
+        if key == "length":
+            continue
+        for kind in layer_cache.values():
+            for name in ("k", "v"):
+                if name in kind:
+                    kind[name] = kind[name].index_select(0, order)
+
+
+class OFAModel(nn.Module):
+    """OFA: `model(src_tokens, patch_images, patch_masks, prev_output_tokens)` → logits [B, T, V].
+
+    bos = 0, pad = 1, eos = 2. `state_dict()` has exactly the official key names (the tied table appears under
+    its three official names). Construct with a `ModelConfig` (see `ofa_ds.config.PRESETS`).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=PAD)
+        self.encoder = Encoder(cfg, embed_tokens)
+        self.decoder = Decoder(cfg, embed_tokens)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """OFA's BERT-style init (§4.9): Linear/Embedding N(0, 0.02), padding row 0, LayerNorm (1, 0), ResNet kaiming."""
+        for name, m in self.named_modules():
+            if ".embed_images" in name or name.endswith("embed_images"):
+                continue
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+                if m.padding_idx is not None:
+                    m.weight[m.padding_idx].zero_()
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.encoder.embed_images.reset_parameters()
+
+    def encode(self, src_tokens: Tensor, patch_images: Tensor | None = None, patch_masks: Tensor | None = None,
+               sample_patch_num: int | None = None) -> EncoderOut:
+        return self.encoder(src_tokens, patch_images, patch_masks, sample_patch_num)
+
+    def decode(self, prev_output_tokens: Tensor, enc: EncoderOut, code_masks: Tensor | None = None,
+               cache: dict | None = None) -> Tensor:
+        """Logits for prev_output_tokens (teacher forcing), or only for the positions not yet in `cache`."""
+        return self.decoder(prev_output_tokens, enc, code_masks, cache)
+
+    def forward(self, src_tokens: Tensor, patch_images: Tensor | None = None, patch_masks: Tensor | None = None,
+                prev_output_tokens: Tensor | None = None, code_masks: Tensor | None = None,
+                sample_patch_num: int | None = None, **unused) -> Tensor:
+        if prev_output_tokens is None:
+            raise ValueError("OFAModel.forward needs prev_output_tokens (decoder input, starting with bos=0)")
+        enc = self.encode(src_tokens, patch_images, patch_masks, sample_patch_num)
+        return self.decode(prev_output_tokens, enc, code_masks)
+
+    # -- accounting ------------------------------------------------------------------------------------------------
+    def num_params(self, trainable_only: bool = False) -> int:
+        """Unique parameters (the tied token table counted once)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    @classmethod
+    def from_pretrained(cls, folder: str, **kw) -> "OFAModel":
+        """Load a Hugging Face-style folder written by `ofa_ds.checkpoint.export_folder`."""
+        from ofa_ds.checkpoint import load_folder
+        return load_folder(folder, **kw)
