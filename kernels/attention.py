@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import dot_precision, interpreting, next_pow2
+from ._utils import dot_precision, interpreting, next_pow2, to_dtype
 
 LOG2E = 1.4426950408889634
 
@@ -125,7 +125,7 @@ def _attention_fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+        acc = acc * alpha[:, None] + _dot(to_dtype(p, v.dtype), v, PRECISION)
         m_i = m_new
 
     has_keys = l_i > 0.0
@@ -133,7 +133,7 @@ def _attention_fwd_kernel(
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("inf"))  # +inf -> P = 0 in bwd
     row_ok = offs_m < Lq
     o_ptrs = Out + bh.to(tl.int64) * Lq * D + offs_m[:, None] * D + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(o_ptrs, to_dtype(out, Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
 
 
@@ -187,18 +187,18 @@ def _attention_bwd_dkdv_kernel(
         lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
         p = tl.exp2(s - lse[:, None])                                         # P, 0 where masked
         do = tl.load(do_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=qd_mask, other=0.0)
-        dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION)
+        dv += _dot(tl.trans(to_dtype(p, do.dtype)), do, PRECISION)
         dp = _dot(do, tl.trans(v), PRECISION)
         delta = tl.load(Delta + row_base + offs_m, mask=m_ok, other=0.0)
         ds = p * (dp - delta[:, None])                                        # dS = dBias tile
         if BIAS_GRAD:
-            tl.store(dbias_base + offs_m[:, None] * Lk, ds.to(DBias.dtype.element_ty),
+            tl.store(dbias_base + offs_m[:, None] * Lk, to_dtype(ds, DBias.dtype.element_ty),
                      mask=m_ok[:, None] & (offs_n[None, :] < Lk))
-        dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
+        dk += _dot(tl.trans(to_dtype(ds, q.dtype)), q, PRECISION)
 
     out_off = bh.to(tl.int64) * Lk * D + offs_n[:, None] * D + offs_d[None, :]
-    tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(DK + out_off, to_dtype(dk * scale, DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_off, to_dtype(dv, DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -252,9 +252,9 @@ def _attention_bwd_dq_kernel(
         p = tl.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, PRECISION)
+        dq += _dot(to_dtype(ds, k.dtype), k, PRECISION)
     tl.store(DQ + bh.to(tl.int64) * Lq * D + offs_m[:, None] * D + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+             to_dtype(dq * scale, DQ.dtype.element_ty), mask=qd_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
