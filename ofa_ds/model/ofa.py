@@ -102,9 +102,9 @@ class Encoder(nn.Module):
             img_pad = torch.zeros(b, h * w, dtype=torch.bool, device=feats.device)
             if patch_masks is not None:
                 img_pad = img_pad | ~patch_masks.to(torch.bool)[:, None]
-            if sample_patch_num is not None and sample_patch_num < h * w:
-                order = torch.stack([torch.randperm(h * w, device=feats.device)[:sample_patch_num]
-                                     for _ in range(b)])                              # [B, k]
+            if sample_patch_num is not None:
+                k = min(sample_patch_num, h * w)
+                order = torch.stack([torch.randperm(h * w, device=feats.device)[:k] for _ in range(b)])  # [B, k]
                 feats = feats.gather(1, order[..., None].expand(-1, -1, feats.shape[-1]))
                 image_pid = image_pid.gather(1, order)
                 img_pad = img_pad.gather(1, order)
