@@ -177,6 +177,11 @@ def _attention_bwd_dkdv_kernel(
     lo = 0
     if CAUSAL:  # query rows that see none of these keys contribute nothing
         lo = (tl.maximum(0, start_n - (Lk - Lq)) // BLOCK_M) * BLOCK_M
+        if BIAS_GRAD:  # ... but their dBias tiles (all masked) must still read 0
+            for start_m in range(0, lo, BLOCK_M):
+                offs_m = start_m + offs_m0
+                tl.store(dbias_base + offs_m[:, None] * Lk, tl.zeros([BLOCK_M, BLOCK_N], DBias.dtype.element_ty),
+                         mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
     for start_m in range(lo, Lq, BLOCK_M):
         offs_m = start_m + offs_m0
         m_ok = offs_m < Lq
