@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 from typing import Any
@@ -65,10 +66,12 @@ def read_checkpoint_file(path: str) -> dict:
         with torch.serialization.safe_globals(_allowed_globals()):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+        found = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))
+        if not found:
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(e).strip()[:300]})") from None
         raise CheckpointError(
-            f"{path}: refused to unpickle an object outside the allow-list (argparse.Namespace, OrderedDict, "
-            f"tensors, numpy scalars); nothing from the file was executed. Unpickler said: {first}") from None
+            f"{path}: refused to unpickle {', '.join(found)}: outside the allow-list (argparse.Namespace, "
+            f"OrderedDict, tensors, numpy scalars); nothing from the file was executed") from None
     except Exception as e:  # truncated/corrupt files
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
