@@ -1,0 +1,147 @@
+"""Sharded, resumable streaming of task batches: `TaskStream` (a torch IterableDataset for one epoch of one rank)
+and `DataStream` (the object a trainer holds: epochs, file cycling, state_dict, bad-row accounting).
+
+Unusual points:
+* Batches are formed inside the dataset (DataLoader(batch_size=None)), so batch b of a rank is always the same rows
+  whatever the number of workers; worker w makes batches start+w, start+w+W, ... and PyTorch's DataLoader returns
+  worker outputs round-robin, hence in batch order. Resume state = (epoch, batches done).
+* Every random choice of a sample uses numpy Generator([seed, epoch, row, position]): resumed and uninterrupted
+  runs produce bit-identical batches.
+* Files per epoch (§6.1): finetuning tasks train on path (e-1) mod (n-1) and validate on the last path; pretraining
+  cycles all paths. A missing or empty file fails at construction, not mid-run.
+* A bad row is skipped; its batch is smaller. An all-bad batch is yielded as {"skip": True, ...} so the batch
+  count stays aligned, and DataStream drops it. DataStream counts bad rows over all workers and raises past
+  `bad_row_threshold`.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .config import DataConfig
+from .tsv import BadRow, BadRowCounter, TSVFile, epoch_order, num_batches, rank_positions, worker_batches
+
+
+class TaskStream(IterableDataset):
+    """One epoch of one rank over one TSV file, as collated batches."""
+
+    def __init__(self, task, tsv: TSVFile, cfg: DataConfig, rank: int = 0, world: int = 1, epoch: int = 1,
+                 start_batch: int = 0, shuffle: Optional[bool] = None):
+        self.task, self.tsv, self.cfg = task, tsv, cfg
+        self.rank, self.world, self.epoch, self.start = rank, world, epoch, start_batch
+        self.shuffle = cfg.shuffle if shuffle is None else shuffle
+        self.positions = rank_positions(len(tsv), rank, world, cfg.equalize_shards)
+        self.n_batches = num_batches(len(self.positions), cfg.batch_size, cfg.drop_last)
+
+    def __len__(self) -> int:
+        return max(self.n_batches - self.start, 0)
+
+    def batch_rows(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in the epoch order, row indices) of batch b."""
+        order = epoch_order(len(self.tsv), self.cfg.seed, self.epoch, self.shuffle)
+        pos = self.positions[b * self.cfg.batch_size:(b + 1) * self.cfg.batch_size]
+        return pos, order[pos]
+
+    def make_batch(self, b: int, order: np.ndarray) -> Any:
+        bs = self.cfg.batch_size
+        pos = self.positions[b * bs:(b + 1) * bs]
+        samples, bad = [], []
+        extra_fn = getattr(self.task, "v2_samples", None)
+        for p in pos:
+            ridx = int(order[p])
+            rng = np.random.default_rng([self.cfg.seed, self.epoch, ridx, int(p)])
+            try:
+                out = self.task.build(self.tsv.row(ridx), ridx, rng)
+            except BadRow as e:
+                bad.append(f"{self.tsv.where(ridx)}: {e}")
+                continue
+            samples.extend(out if isinstance(out, list) else [out])
+            if extra_fn is not None:
+                more, more_bad = extra_fn(int(p), self.epoch, len(self.tsv), rng)
+                samples.extend(more)
+                bad.extend(more_bad)
+        meta = {"bad_rows": bad, "rows": len(pos), "batch_index": b, "epoch": self.epoch}
+        if not samples:
+            return {"skip": True, **meta}
+        batch = self.task.collate(samples)
+        first = batch[0] if isinstance(batch, tuple) else batch
+        first.update(meta)
+        return batch
+
+    def __iter__(self) -> Iterator[Any]:
+        wi = get_worker_info()
+        wid, nw = (wi.id, wi.num_workers) if wi is not None else (0, 1)
+        order = epoch_order(len(self.tsv), self.cfg.seed, self.epoch, self.shuffle)
+        for b in worker_batches(self.n_batches, self.start, wid, nw):
+            yield self.make_batch(b, order)
+
+
+def _identity(x):
+    return x
+
+
+class DataStream:
+    """Epoch-cycling loader of one task for one rank, with a tiny resumable state."""
+
+    def __init__(self, cfg: DataConfig, split: str = "train", rank: int = 0, world: int = 1, task=None,
+                 tokenizer=None):
+        from .tasks import make_task
+        self.cfg, self.split, self.rank, self.world = cfg, split, rank, world
+        self.task = task if task is not None else make_task(cfg, split, tokenizer)
+        paths = cfg.paths()
+        if not paths:
+            raise ValueError(f"DataConfig.data is empty for task {cfg.task!r}")
+        pretrain = cfg.task == "pretrain"
+        if split == "train":
+            paths = paths if (pretrain or len(paths) == 1) else paths[:-1]
+        else:
+            paths = paths[-1:]
+        cols = self.task.cols
+        self.files = [TSVFile(p, cfg.index_cache_dir, cols) for p in paths]  # fails now if missing/empty
+        self.epoch, self.batch = 1, 0
+        self.counter = BadRowCounter(cfg.bad_row_threshold)
+
+    def file_for_epoch(self, epoch: int) -> TSVFile:
+        return self.files[(epoch - 1) % len(self.files)]
+
+    def stream(self) -> TaskStream:
+        return TaskStream(self.task, self.file_for_epoch(self.epoch), self.cfg, self.rank, self.world, self.epoch,
+                          self.batch, shuffle=self.cfg.shuffle and self.split == "train")
+
+    def __len__(self) -> int:
+        """Batches left in the current epoch."""
+        return len(self.stream())
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch, "rows": self.counter.rows, "bad": self.counter.bad}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self.counter.rows, self.counter.bad = int(state.get("rows", 0)), int(state.get("bad", 0))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.batch = epoch, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        """The rest of the current epoch; afterwards the stream points at the start of the next epoch."""
+        ts = self.stream()
+        loader = DataLoader(ts, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_identity,
+                            persistent_workers=False, pin_memory=False)
+        for batch in loader:
+            first = batch[0] if isinstance(batch, tuple) else batch
+            self.batch += 1
+            bad = first.pop("bad_rows", [])
+            self.counter.ok(max(first.pop("rows", 0) - len(bad), 0))
+            for msg in bad:
+                where, _, reason = msg.partition(": ")
+                self.counter.report(where, reason)
+            first.pop("batch_index", None)
+            first.pop("epoch", None)
+            if first.get("skip"):
+                continue
+            yield batch
+        self.epoch += 1
+        self.batch = 0
