@@ -1,0 +1,56 @@
+"""Shared benchmark plumbing: environment capture and CSV rows (date, commit, machine) under benchmarks/results/."""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import subprocess
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
+        return out.stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def machine() -> str:
+    """'cpu:<model> x<threads>' or the CUDA device name."""
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(0)}"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"cpu:{model} x{torch.get_num_threads()}threads"
+
+
+def base_row() -> dict:
+    return {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "commit": git_commit(),
+            "machine": machine(), "torch": torch.__version__}
+
+
+def append_csv(name: str, row: dict, folder: str | None = None) -> str:
+    """Append one row to <folder or results>/<name>; the header is written when the file is new."""
+    folder = folder or RESULTS
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+    return path
