@@ -1,0 +1,52 @@
+"""`python -m ofa_ds.data {synthetic,convert,validate}` — see docs/data.md."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ofa_ds.data")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("synthetic", help="write the built-in synthetic multitask dataset")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--size", default="small", choices=["tiny", "small", "medium"])
+    s.add_argument("--image-size", type=int, default=256)
+    c = sub.add_parser("convert", help="image folder + JSONL/CSV annotations -> TSV")
+    c.add_argument("--task", required=True)
+    c.add_argument("--images", required=True)
+    c.add_argument("--annotations", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--max-side", type=int, default=None)
+    v = sub.add_parser("validate", help="check a TSV against its task's format")
+    v.add_argument("--task", required=True)
+    v.add_argument("--selected-cols", default=None)
+    v.add_argument("--limit", type=int, default=None, help="check only the first N rows")
+    v.add_argument("file")
+    a = p.parse_args(argv)
+    if a.cmd == "synthetic":
+        from .synthetic import generate
+        m = generate(a.out, seed=a.seed, size=a.size, image_size=a.image_size)
+        print(json.dumps({"out": a.out, "seconds": m["seconds"], "rows": m["rows"]}, indent=1))
+        return 0
+    if a.cmd == "convert":
+        from .convert import convert
+        written, _ = convert(a.task, a.images, a.annotations, a.out, a.max_side)
+        return 0 if written else 1
+    from .convert import EXTRA_VALIDATE, validate
+    from .tasks import TASKS
+    if a.task not in TASKS and a.task not in EXTRA_VALIDATE:
+        print(f"unknown task {a.task!r}; choose one of {sorted(set(TASKS) | set(EXTRA_VALIDATE))}", file=sys.stderr)
+        return 2
+    if not os.path.isfile(a.file) or os.path.getsize(a.file) == 0:
+        print(f"{a.file}: missing or empty", file=sys.stderr)
+        return 2
+    _, bad = validate(a.task, a.file, a.selected_cols, limit=a.limit)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Text-to-image code generation (§6.8). Columns: uniq-id, image codes (space-separated ints), caption; selected
+0,2,1. Target = codes + 50265 then eos, prev = bos + codes, code_masks True. No encoder image: the batch carries a
+zero image with patch_masks False (kept so every rank runs the same modules)."""
+from __future__ import annotations
+
+from ..text import pre_caption
+from ..tsv import BadRow
+from .base import Task
+
+
+class ImageGenTask(Task):
+    name = "image_gen"
+    default_cols = [0, 2, 1]
+    num_fields = 3
+
+    def build(self, row, sid, rng):
+        uniq_id, code, caption = self.fields(row)
+        try:
+            codes = [int(c) for c in code.split()]
+        except ValueError:
+            raise BadRow("image codes are not integers") from None
+        if not codes or min(codes) < 0 or max(codes) >= 8192:
+            raise BadRow("image codes missing or outside 0..8191")
+        cap = pre_caption(caption, self.cfg.max_src_length)
+        ids = [self.tok.code_offset + c for c in codes]
+        return self.std_sample(sid, self.enc(f" what is the complete image? caption: {cap}"), ids, code_mask=True,
+                               extras={"uniq_id": uniq_id})
