@@ -40,6 +40,8 @@ The kernels work in base 2 (s·log2 e, exp2), which changes nothing above but th
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -265,23 +267,31 @@ def _attention_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # Tile sizes. Under the interpreter, 16×16 tiles keep the tiny test shapes multi-block (edges and loops exercised).
 # On GPUs an autotuner picks from a short list per (Lq, Lk, head dim, masks); every config writes each output once,
-# so tuning never changes results beyond the tile order of the fp32 sums (and the choice is cached per shape).
+# so tuning never changes results beyond the tile order of the fp32 sums, and the choice is cached per shape.
+# OFA_DS_KERNEL_AUTOTUNE=0 uses one fixed config instead (the GPU tests do: dozens of small shapes, where tuning
+# would cost more compile time than it saves).
 # ----------------------------------------------------------------------------------------------------------------
 def _gpu_configs(bwd: bool) -> list:
-    tiles = [(64, 64), (64, 32), (32, 64)] if bwd else [(128, 64), (64, 64), (128, 32), (64, 32)]
+    if bwd:
+        tiles = [(64, 64, 4), (64, 64, 8), (32, 64, 4), (64, 32, 4)]
+    else:
+        tiles = [(128, 64, 4), (128, 64, 8), (64, 64, 4), (128, 32, 4)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bm, bn in tiles for w in (4, 8) for st in (2, 3)]
+            for bm, bn, w in tiles for st in (2, 3)]
 
 
 _TUNE_KEY = ["Lq", "Lk", "BLOCK_D", "HAS_BIAS", "HAS_KPM", "CAUSAL"]
+_FWD, _BWD_DKDV, _BWD_DQ = _attention_fwd_kernel, _attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel
 if interpreting():
-    _FWD, _BWD_DKDV, _BWD_DQ = _attention_fwd_kernel, _attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel
-    _FIXED_TILES = {"BLOCK_M": 16, "BLOCK_N": 16}
+    _FWD_TILES = _BWD_TILES = {"BLOCK_M": 16, "BLOCK_N": 16}
+elif os.environ.get("OFA_DS_KERNEL_AUTOTUNE", "1") == "0":
+    _FWD_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    _BWD_TILES = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 else:
     _FWD = triton.autotune(_gpu_configs(False), key=_TUNE_KEY)(_attention_fwd_kernel)
     _BWD_DKDV = triton.autotune(_gpu_configs(True), key=_TUNE_KEY + ["BIAS_GRAD"])(_attention_bwd_dkdv_kernel)
     _BWD_DQ = triton.autotune(_gpu_configs(True), key=_TUNE_KEY)(_attention_bwd_dq_kernel)
-    _FIXED_TILES = {}
+    _FWD_TILES = _BWD_TILES = {}
 
 
 def _strides4(t: Tensor | None) -> tuple[int, int, int, int]:
@@ -311,7 +321,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, kpm: Te
         *q.stride(), *k.stride(), *v.stride(), *_strides4(bias), kpm.stride(0) if kpm is not None else 0,
         H, Lq, Lk, D, scale,
         HAS_BIAS=bias is not None, HAS_KPM=kpm is not None, CAUSAL=causal,
-        BLOCK_D=max(16, next_pow2(D)), PRECISION=dot_precision(q.dtype), **_FIXED_TILES,
+        BLOCK_D=max(16, next_pow2(D)), PRECISION=dot_precision(q.dtype), **_FWD_TILES,
     )
     return out, lse
 
@@ -332,7 +342,7 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
              if bias_grad_dtype is not None else None)
     dummy = q
     common = dict(HAS_BIAS=bias is not None, HAS_KPM=kpm is not None, CAUSAL=causal,
-                  BLOCK_D=max(16, next_pow2(D)), PRECISION=dot_precision(q.dtype), **_FIXED_TILES)
+                  BLOCK_D=max(16, next_pow2(D)), PRECISION=dot_precision(q.dtype), **_BWD_TILES)
     strides = (*q.stride(), *k.stride(), *v.stride(), *_strides4(bias), kpm.stride(0) if kpm is not None else 0,
                *do.stride())
     bias_arg = bias if bias is not None else dummy
