@@ -90,7 +90,9 @@ class Encoder(nn.Module):
         """Token + image embeddings and everything the layers need: x, padding mask, position embeddings,
         the shared absolute bias and the image position ids. Returned as a dict of tensors (pipeline friendly)."""
         b, L = src_tokens.shape
-        x = self.layernorm_embedding(self.embed_tokens(src_tokens) + self.type_embedding.weight[0])
+        # Embedding modules are always *called* (never their .weight read): ZeRO-3 gathers parameters per call.
+        types = self.type_embedding(torch.arange(2, device=src_tokens.device))                  # [2, C]
+        x = self.layernorm_embedding(self.embed_tokens(src_tokens) + types[0])
         pad = src_tokens.eq(PAD)
         pos = self.pos_ln(self.embed_positions(torch.arange(L, device=src_tokens.device)))[None].expand(b, -1, -1)
         image_pid = None
@@ -108,7 +110,7 @@ class Encoder(nn.Module):
                 feats = feats.gather(1, order[..., None].expand(-1, -1, feats.shape[-1]))
                 image_pid = image_pid.gather(1, order)
                 img_pad = img_pad.gather(1, order)
-            xi = self.patch_layernorm_embedding(self.image_proj(feats) + self.type_embedding.weight[1])
+            xi = self.patch_layernorm_embedding(self.image_proj(feats) + types[1])
             pi = self.image_pos_ln(self.embed_image_positions(image_pid))
             x, pad, pos = torch.cat([xi, x], 1), torch.cat([img_pad, pad], 1), torch.cat([pi, pos], 1)
         x = F.dropout(x, self.cfg.dropout, self.training)
