@@ -19,7 +19,7 @@ Does not support
 Backward math (per row, x̂ = (s − μ)·r with r = 1/√(σ² + eps), w the weight, g = w ∘ dy)
     dx   = r · (g − (x̂ · c1 + c2)),   c1 = mean(x̂ ∘ g),  c2 = mean(g)      (+ ds_out when the sum s is returned)
     dw   = Σ_rows dy ∘ x̂,   db = Σ_rows dy
-    dres = dx
+    dres = dx   (the same tensor is returned for both when x and residual share a dtype)
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def _layer_norm_fwd_kernel(
 def _layer_norm_bwd_kernel(
     S, W, Mean, Rstd,  # saved: the normalised input (x, or x + residual), weight (or a dummy), row statistics
     DY, DS,            # incoming gradients of y and of the returned sum (DS only when HAS_DS)
-    DX, DRES,          # outputs: dx, and the same values again as the residual's gradient (when HAS_RES)
+    DX, DRES,          # outputs: dx, and the same values again in the residual's dtype (when HAS_RES)
     DW, DB,            # outputs: fp32 [programs, N] partial sums of dweight and dbias
     M, N,              # rows, row width
     HAS_DS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -150,7 +150,10 @@ def _layer_norm_bwd(dy: Tensor, ds: Tensor | None, s: Tensor, weight: Tensor | N
     block, warps = _launch_settings(N)
     programs = _num_bwd_programs(M, s.device)
     dx = torch.empty((M, N), dtype=x_dtype, device=s.device)
-    dres = torch.empty((M, N), dtype=res_dtype, device=s.device) if res_dtype is not None else None
+    # The residual's gradient equals dx (as torch's AddBackward, return the same tensor for both); a second copy is
+    # written only when the residual has another dtype.
+    separate = res_dtype is not None and res_dtype != x_dtype
+    dres = torch.empty((M, N), dtype=res_dtype, device=s.device) if separate else None
     dw = torch.empty((programs, N), dtype=torch.float32, device=s.device)
     db = torch.empty((programs, N), dtype=torch.float32, device=s.device)
     _layer_norm_bwd_kernel[(programs,)](
@@ -158,6 +161,8 @@ def _layer_norm_bwd(dy: Tensor, ds: Tensor | None, s: Tensor, weight: Tensor | N
         dx, dres if dres is not None else dx, dw, db, M, N,
         HAS_DS=ds is not None, HAS_RES=dres is not None, HAS_W=weight is not None, BLOCK_N=block, num_warps=warps,
     )
+    if res_dtype is not None and not separate:
+        dres = dx
     return dx, dres, dw.sum(0), db.sum(0)
 
 

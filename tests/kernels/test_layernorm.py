@@ -26,7 +26,8 @@ def _leaves(tensors, dtype=None):
 def _torch_lowp(x, weight, bias, eps, residual=None):
     """What PyTorch computes in the low precision itself: a separate add, then F.layer_norm."""
     s = x if residual is None else x + residual
-    y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+    cast = lambda p: p.to(s.dtype) if p is not None and s.dtype == torch.float32 else p  # noqa: E731  (CPU rule)
+    y = F.layer_norm(s, (s.shape[-1],), cast(weight), cast(bias), eps).to(x.dtype)
     return y if residual is None else (y, s)
 
 
@@ -43,14 +44,14 @@ def _run(fn, inputs, dy, ds, eps, upcast=False):
     return [o.detach() for o in outs], {n: t.grad for n, t in leaves.items()}
 
 
-def check(shape, dtype, residual=False, weight=True, bias=True, param_dtype=None, eps=1e-5):
+def check(shape, dtype, residual=False, weight=True, bias=True, param_dtype=None, eps=1e-5, res_dtype=None):
     n = shape[-1]
     param_dtype = param_dtype or dtype
     inputs = {
         "x": (3 * torch.randn(shape, device=DEVICE) + 1).to(dtype),
         "weight": (1 + 0.5 * torch.randn(n, device=DEVICE)).to(param_dtype) if weight else None,
         "bias": (0.5 * torch.randn(n, device=DEVICE)).to(param_dtype) if bias else None,
-        "residual": torch.randn(shape, device=DEVICE).to(dtype) if residual else None,
+        "residual": torch.randn(shape, device=DEVICE).to(res_dtype or dtype) if residual else None,
     }
     dy = torch.randn(shape, device=DEVICE).to(dtype)
     ds = torch.randn(shape, device=DEVICE).to(dtype)
@@ -88,6 +89,11 @@ def test_layer_norm_without_affine(dtype):
 
 def test_layer_norm_fp32_params_bf16_input():
     check((7, 64), torch.bfloat16, residual=True, param_dtype=torch.float32)
+
+
+def test_layer_norm_fp32_residual_stream_bf16_input():
+    """A residual of another dtype: the sum is promoted as torch promotes it, dresidual comes back in its dtype."""
+    check((5, 72), torch.bfloat16, residual=True, res_dtype=torch.float32)
 
 
 def test_layer_norm_rows_exceed_programs_and_constant_rows():
