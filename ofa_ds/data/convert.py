@@ -177,8 +177,9 @@ def record_to_row(task: str, rec: Any, n: int, images: str, max_side: Optional[i
 
 
 def convert(task: str, images: str, annotations: str, out: str, max_side: Optional[int] = None,
-            stream=sys.stdout) -> tuple[int, int]:
+            stream=None) -> tuple[int, int]:
     """Write `out`; prints one line per rejected record and a summary. Returns (written, rejected)."""
+    stream = stream or sys.stdout
     if task not in CONVERT_TASKS:
         raise ValueError(f"convert supports {CONVERT_TASKS}, not {task!r}")
     written = rejected = 0
@@ -224,9 +225,10 @@ def _validator(task: str, cfg: DataConfig):
     return t.check_row, t.cols
 
 
-def validate(task: str, path: str, selected_cols: Optional[str] = None, stream=sys.stdout,
+def validate(task: str, path: str, selected_cols: Optional[str] = None, stream=None,
              limit: Optional[int] = None) -> tuple[int, int]:
     """Check every row of `path`; prints `file:line: reason` per bad row and a summary. Returns (rows, bad)."""
+    stream = stream or sys.stdout
     cfg = DataConfig(task=task, selected_cols=selected_cols, augment=False, patch_image_size=64, v2_image_size=64)
     check, cols = _validator(task, cfg)
     rows = bad = 0

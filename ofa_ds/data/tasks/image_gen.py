@@ -14,7 +14,7 @@ class ImageGenTask(Task):
     num_fields = 3
 
     def build(self, row, sid, rng):
-        uniq_id, code, caption = self.fields(row)
+        uniq_id, caption, code = self.fields(row)  # file order id, codes, caption; selected 0,2,1
         try:
             codes = [int(c) for c in code.split()]
         except ValueError:

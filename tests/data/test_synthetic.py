@@ -1,0 +1,90 @@
+"""The built-in synthetic dataset: deterministic, official formats, learnable ground truth, reads back through
+every task builder."""
+import filecmp
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ofa_ds.data import DataStream
+from ofa_ds.data.images import decode_base64_image
+from ofa_ds.data.synthetic import COLORS, draw_scene, generate, image_codes, question_of, data_config
+from ofa_ds.data.tsv import TSVFile
+
+FILES = ["caption/caption_stage1_train.tsv", "caption/caption_val.tsv", "vqa/vqa_train.tsv", "vqa/vqa_val.tsv",
+         "vqa/vqa_answers.json", "refcoco/refcoco_train.tsv", "refcoco/refcoco_val.tsv",
+         "snli_ve/snli_ve_train.tsv", "snli_ve/snli_ve_dev.tsv", "pretrain/vision_language_examples.tsv",
+         "pretrain/text_examples.tsv", "pretrain/image_examples.tsv", "pretrain/detection_examples.tsv",
+         "pretrain/negative_sample/all_captions.txt", "pretrain/negative_sample/object.txt",
+         "pretrain/negative_sample/type2ans.json"]
+
+
+def test_files_and_determinism(synth_dir, tmp_path):
+    for f in FILES:
+        assert os.path.getsize(os.path.join(synth_dir, f)) > 0, f
+    again = str(tmp_path / "again")
+    generate(again, seed=3, size="tiny", image_size=96)
+    for f in FILES:
+        assert filecmp.cmp(os.path.join(synth_dir, f), os.path.join(again, f), shallow=False), f
+    other = str(tmp_path / "other")
+    generate(other, seed=4, size="tiny", image_size=96)
+    assert not filecmp.cmp(os.path.join(synth_dir, FILES[2]), os.path.join(other, FILES[2]), shallow=False)
+    cols = {"caption/caption_val.tsv": 5, "vqa/vqa_train.tsv": 6, "refcoco/refcoco_train.tsv": 5,
+            "snli_ve/snli_ve_dev.tsv": 6, "pretrain/vision_language_examples.tsv": 8,
+            "pretrain/text_examples.tsv": 2, "pretrain/image_examples.tsv": 3, "pretrain/detection_examples.tsv": 3}
+    for f, n in cols.items():
+        with open(os.path.join(synth_dir, f)) as fh:
+            assert all(len(line.rstrip("\n").split("\t")) == n for line in fh), f
+    t2a = json.load(open(os.path.join(synth_dir, "pretrain/negative_sample/type2ans.json")))
+    assert set(t2a) >= {"color", "shape", "how many", "other"}
+
+
+@pytest.mark.parametrize("task", ["caption", "vqa", "refcoco", "snli_ve", "pretrain"])
+def test_reads_back_through_builders(synth_dir, tok, task):
+    for split in ("train", "valid"):
+        cfg = data_config(synth_dir, task, batch_size=16, patch_image_size=48, v2_image_size=32, max_image_size=48)
+        s = DataStream(cfg, split, tokenizer=tok)
+        n = 0
+        for b in s:
+            b = b[0] if isinstance(b, tuple) else b
+            n += len(set(b["id"].tolist()))
+            assert b["patch_images"].shape[1:] == (3, 48, 48) and b["patch_masks"].all()
+        assert s.counter.bad == 0 and n == len(s.files[0])
+
+
+def test_refcoco_boxes_and_answers_are_true(synth_dir):
+    f = TSVFile(os.path.join(synth_dir, "refcoco/refcoco_train.tsv"))
+    for i in range(len(f)):
+        _, _, expr, box, image = f.row(i)
+        arr = np.asarray(decode_base64_image(image)).astype(int)
+        x0, y0, x1, y1 = (int(v) for v in box.split(","))
+        centre = arr[(y0 + y1) // 2, (x0 + x1) // 2]
+        for name, rgb in COLORS.items():
+            if f" {name} " in f" {expr} ":
+                assert np.abs(centre - np.array(rgb)).max() < 40, (expr, centre)
+    v = TSVFile(os.path.join(synth_dir, "vqa/vqa_train.tsv"))
+    for i in range(len(v)):
+        _, _, q, ans, kinds, image = v.row(i)
+        a = ans.split("|!+")[1]
+        if q.startswith("how many"):
+            assert a == str(len(kinds.split("&&")))
+        if q.startswith("what shape"):
+            assert a in kinds.split("&&")
+
+
+def test_vqa_answers_balanced():
+    counts = {}
+    for i in range(1500):
+        rng = np.random.default_rng([7, i])
+        _, objs = draw_scene(rng, 64)
+        q, a, _ = question_of(objs, rng)
+        counts[a] = counts.get(a, 0) + 1
+    assert max(counts.values()) / 1500 <= 0.2 and len(counts) >= 15
+
+
+def test_image_codes_quantiser():
+    from PIL import Image
+    codes = image_codes(Image.new("RGB", (256, 256), (255, 128, 16)))
+    assert len(codes) == 256 and set(codes) == {(31 << 8) | (8 << 4) | 1}
+    assert max(image_codes(Image.new("RGB", (256, 256), (255, 255, 255)))) == 8191
