@@ -119,14 +119,19 @@ def attention_cases(dry: bool, presets: list[str]):
     if dry:
         return [("dry_enc", 2, 2, 40, 40, 80, "enc"), ("dry_dec_self", 2, 2, 9, 9, 64, "dec_self"),
                 ("dry_dec_cross", 2, 2, 9, 40, 64, "dec_cross")]
-    cases = []
-    for p in presets:                                     # the most informative shapes first (time budget)
+    cases = []                                            # the most informative shapes first (time budget)
+    for patches in (1024, 576):
+        for p in presets:
+            H, D = PRESETS[p]
+            cases.append((f"{p}_enc_S{patches + TEXT}", 8, H, patches + TEXT, patches + TEXT, D, "enc"))
+    for p in presets:
         H, D = PRESETS[p]
-        for patches in (1024, 576, 900, 256):
-            S = patches + TEXT
-            cases.append((f"{p}_enc_S{S}", 8, H, S, S, D, "enc"))
         cases.append((f"{p}_dec_self_T32", 64, H, 32, 32, D, "dec_self"))
         cases.append((f"{p}_dec_cross_T32_S616", 64, H, 32, 616, D, "dec_cross"))
+    for patches in (900, 256):
+        for p in presets:
+            H, D = PRESETS[p]
+            cases.append((f"{p}_enc_S{patches + TEXT}", 8, H, patches + TEXT, patches + TEXT, D, "enc"))
     return cases
 
 

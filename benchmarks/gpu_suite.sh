@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# GPU check of the Triton kernels: the kernel tests on the GPU, then the kernel benchmarks.
+#
+#   bash benchmarks/gpu_suite.sh OUT_DIR
+#
+# Needs only torch and triton (pytest for the tests part: without it the tests are skipped and the log says so);
+# no deepspeed, no network, no install (an uninstalled checkout works: see tests/kernels/conftest.py). Finishes in
+# under 8 minutes on one H100/H200/A100: the tests run with fixed tiles (OFA_DS_KERNEL_AUTOTUNE=0) under a 170 s
+# limit, the benchmarks autotune and stop starting new measurements after ~270 s. Writes into OUT_DIR:
+#   env.txt         GPU, driver, torch/triton versions, commit, date
+#   gpu_tests.log   pytest output (gpu_tests.xml: JUnit)
+#   kernels.csv     benchmark rows (schema in benchmarks/bench_kernels.py); copy the rows you want to keep into
+#                   benchmarks/results/kernels.csv
+set -uo pipefail
+OUT=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+start=$(date +%s)
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "nvidia-smi: n/a"
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print('gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NONE')"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "no CUDA GPU visible: nothing to do" | tee -a "$OUT/env.txt"
+  exit 2
+fi
+
+status=0
+if "$PY" -c "import pytest" 2>/dev/null; then
+  # -o addopts= drops pytest.ini's --timeout (pytest-timeout may be absent) and its marker filter.
+  OFA_DS_KERNEL_AUTOTUNE=0 timeout 170 "$PY" -m pytest tests/kernels -q -o addopts= -m "not slow" -p no:cacheprovider \
+      --junitxml "$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
+  status=$?
+  tail -n 25 "$OUT/gpu_tests.log"
+  echo "kernel tests exit status: $status (124 = hit the 170 s limit)"
+else
+  echo "pytest is not installed: GPU tests skipped" | tee "$OUT/gpu_tests.log"
+fi
+
+elapsed=$(( $(date +%s) - start ))
+budget=$(( 420 - elapsed - 60 ))        # leave a minute for the measurement in flight and the last rows
+[ "$budget" -lt 60 ] && budget=60
+timeout $(( budget + 90 )) "$PY" benchmarks/bench_kernels.py --out-dir "$OUT" --budget-s "$budget" --presets huge,large 2>&1 \
+  | tee "$OUT/bench.log"
+bench_status=${PIPESTATUS[0]}
+echo "benchmarks exit status: $bench_status; total $(( $(date +%s) - start )) s; results in $OUT"
+[ "$status" -eq 0 ] && [ "$bench_status" -eq 0 ]
