@@ -16,6 +16,16 @@ from torch import Tensor
 
 from .reference import attention_ref, layer_norm_ref
 
+# Importing a submodule binds its name on the package: the first `import ofa_ds.kernels.attention` anywhere would
+# replace the function `attention` below by the module (then `kernels.attention(...)` raises "'module' object is not
+# callable"). Importing the Triton modules here, before the functions are defined, makes the functions win for good.
+# Without triton the import fails and the torch backend still works.
+try:
+    from . import attention as _attention_module  # noqa: F401
+    from . import layernorm as _layernorm_module  # noqa: F401
+except ImportError:
+    pass
+
 __all__ = ["attention", "layer_norm", "attention_ref", "layer_norm_ref", "resolve_backend", "triton_available"]
 
 

@@ -135,6 +135,14 @@ def test_backward_is_deterministic(dtype):
         assert torch.equal(runs[0][1][name], runs[1][1][name]), name
 
 
+def test_kernel_submodule_import_keeps_the_entry_point():
+    """`import ofa_ds.kernels.attention` must not replace the function ofa_ds.kernels.attention by the module."""
+    import ofa_ds.kernels
+    import ofa_ds.kernels.attention  # noqa: F401
+    import ofa_ds.kernels.layernorm  # noqa: F401
+    assert callable(ofa_ds.kernels.attention) and callable(ofa_ds.kernels.layer_norm)
+
+
 def test_dispatcher_backends():
     q, k, v, bias, do = _inputs(1, 2, 9, 9, 32, torch.float32, (1, 2, 9, 9))
     via_triton = attention(q, k, v, bias=bias, causal=True, backend="triton")
