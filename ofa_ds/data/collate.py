@@ -40,6 +40,22 @@ def _pad(seqs: list[list[int]], pad: int = PAD) -> torch.Tensor:
     return out
 
 
+def _constraint_table(samples: list[Sample], t: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique constraint rows (row 0 = padding, all True; row 1 = all False) and a [B, T] index into them."""
+    keys: dict[Any, int] = {"pad": 0, "none": 1}
+    index = torch.zeros((len(samples), t), dtype=torch.long)
+    for i, s in enumerate(samples):
+        rows = s.constraint or [None] * len(s.target)
+        index[i, : len(rows)] = torch.tensor(
+            [keys.setdefault("none" if r is None else tuple(sorted(r)), len(keys)) for r in rows], dtype=torch.long)
+    table = torch.zeros((len(keys), vocab_size), dtype=torch.bool)
+    table[0] = True
+    for k, r in keys.items():
+        if isinstance(k, tuple) and k:
+            table[r, list(k)] = True
+    return table, index
+
+
 def collate(samples: list[Sample], image_size: Optional[int], vocab_size: int,
             constraint_format: str = "dense") -> dict[str, Any]:
     """Pad a list of samples into a batch. image_size None = the task never has images (patch_images None)."""
@@ -77,30 +93,11 @@ def collate(samples: list[Sample], image_size: Optional[int], vocab_size: int,
         batch["patch_images"] = None
     batch["constraint_masks"] = None
     if any(s.constraint is not None for s in samples):
-        t = tgt.shape[1]
+        table, index = _constraint_table(samples, tgt.shape[1], vocab_size)
         if constraint_format == "compact":
-            keys: dict[Any, int] = {"pad": 0, "none": 1}
-            index = torch.zeros((b, t), dtype=torch.long)
-            for i, s in enumerate(samples):
-                rows = s.constraint or [None] * len(s.target)
-                for j, r in enumerate(rows):
-                    k = "none" if r is None else tuple(sorted(r))
-                    index[i, j] = keys.setdefault(k, len(keys))
-            table = torch.zeros((len(keys), vocab_size), dtype=torch.bool)
-            table[0] = True
-            for k, r in keys.items():
-                if isinstance(k, tuple) and k:
-                    table[r, list(k)] = True
             batch["constraint_rows"], batch["constraint_index"] = table, index
         else:
-            m = torch.zeros((b, t, vocab_size), dtype=torch.bool)
-            for i, s in enumerate(samples):
-                rows = s.constraint or [None] * len(s.target)
-                m[i, len(rows):] = True
-                for j, r in enumerate(rows):
-                    if r:
-                        m[i, j, r] = True
-            batch["constraint_masks"] = m
+            batch["constraint_masks"] = table[index]
     extras: dict[str, list] = {}
     for s in samples:
         for k, v in s.extras.items():

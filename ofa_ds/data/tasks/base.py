@@ -37,6 +37,17 @@ class Task:
         self.tok = tokenizer if tokenizer is not None else get_tok()
         self.bos, self.eos, self.pad = self.tok.bos, self.tok.eos, self.tok.pad
 
+    def __getstate__(self):
+        """Workers started by spawn/forkserver re-fetch the cached tokenizer instead of unpickling a copy."""
+        d = dict(self.__dict__)
+        d["tok"] = getattr(self.tok, "lang", "en")
+        return d
+
+    def __setstate__(self, d):
+        from ofa_ds.tokenizer import get_tokenizer
+        self.__dict__.update(d)
+        self.tok = get_tokenizer(d["tok"])
+
     # ---- helpers -------------------------------------------------------------------------------------------------
     @property
     def cols(self) -> Optional[list[int]]:
