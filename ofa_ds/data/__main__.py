@@ -15,6 +15,8 @@ def main(argv=None) -> int:
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--size", default="small", choices=["tiny", "small", "medium"])
     s.add_argument("--image-size", type=int, default=256)
+    s.add_argument("--max-objects", type=int, default=4, help="1-4 shapes per scene")
+    s.add_argument("--vqa-types", default="color,shape,count,position", help="question types to draw from")
     c = sub.add_parser("convert", help="image folder + JSONL/CSV annotations -> TSV")
     c.add_argument("--task", required=True)
     c.add_argument("--images", required=True)
@@ -29,7 +31,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.cmd == "synthetic":
         from .synthetic import generate
-        m = generate(a.out, seed=a.seed, size=a.size, image_size=a.image_size)
+        m = generate(a.out, seed=a.seed, size=a.size, image_size=a.image_size, max_objects=a.max_objects,
+                     vqa_types=tuple(t for t in a.vqa_types.split(",") if t))
         print(json.dumps({"out": a.out, "seconds": m["seconds"], "rows": m["rows"]}, indent=1))
         return 0
     if a.cmd == "convert":

@@ -48,8 +48,8 @@ class Obj:
         return ("an " if self.color[0] in "aeiou" else "a ") + self.name
 
 
-def draw_scene(rng: np.random.Generator, size: int = 256) -> tuple[Image.Image, list[Obj]]:
-    n = int(rng.integers(1, 5))
+def draw_scene(rng: np.random.Generator, size: int = 256, max_objects: int = 4) -> tuple[Image.Image, list[Obj]]:
+    n = int(rng.integers(1, max_objects + 1))
     cells = [(r, c) for r in range(2) for c in range(2)]
     chosen = [cells[i] for i in rng.permutation(4)[:n]]
     colors = [list(COLORS)[i] for i in rng.permutation(len(COLORS))[:n]]
@@ -85,9 +85,12 @@ def caption_of(objs: list[Obj], reverse: bool = False) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def question_of(objs: list[Obj], rng: np.random.Generator) -> tuple[str, str, str]:
-    """(question, answer, answer type) with the type drawn uniformly."""
-    qt = int(rng.integers(4))
+QUESTION_TYPES = ("color", "shape", "count", "position")
+
+
+def question_of(objs: list[Obj], rng: np.random.Generator, types=QUESTION_TYPES) -> tuple[str, str, str]:
+    """(question, answer, answer type) with the type drawn uniformly from `types`."""
+    qt = QUESTION_TYPES.index(types[int(rng.integers(len(types)))])
     o = objs[int(rng.integers(len(objs)))]
     if qt == 0:
         return f"what color is the {o.kind}?", o.color, "color"
@@ -133,16 +136,20 @@ def image_codes(img: Image.Image) -> list[int]:
     return ((q[..., 0] >> 3) << 8 | (q[..., 1] >> 4) << 4 | (q[..., 2] >> 4)).reshape(-1).tolist()
 
 
-def _scene(seed: int, split: str, i: int, size: int):
+def _scene(seed: int, split: str, i: int, size: int, max_objects: int = 4):
     rng = np.random.default_rng([seed, {"train": 1, "valid": 2}[split], i])
-    img, objs = draw_scene(rng, size)
+    img, objs = draw_scene(rng, size, max_objects)
     return rng, img, objs, encode_base64_image(img, quality=90)
 
 
-def generate(out: str, seed: int = 1, size: str = "small", image_size: int = 256) -> dict:
-    """Write the dataset into `out`; returns the manifest (also written as manifest.json)."""
+def generate(out: str, seed: int = 1, size: str = "small", image_size: int = 256, max_objects: int = 4,
+             vqa_types=QUESTION_TYPES) -> dict:
+    """Write the dataset into `out`; returns the manifest (also written as manifest.json).
+    `max_objects` (1-4) and `vqa_types` (subset of QUESTION_TYPES) make the VQA task easier or harder."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}")
+    if not 1 <= max_objects <= 4 or not vqa_types or set(vqa_types) - set(QUESTION_TYPES):
+        raise ValueError(f"max_objects must be 1..4 and vqa_types a subset of {QUESTION_TYPES}")
     t0 = time.time()
     n_train, n_valid, q_per = SIZES[size]
     dirs = {k: os.path.join(out, k) for k in ("pretrain", "caption", "vqa", "refcoco", "snli_ve")}
@@ -161,7 +168,8 @@ def generate(out: str, seed: int = 1, size: str = "small", image_size: int = 256
         "detection": P("pretrain", "detection_examples.tsv"),
     }
     fh = {k: open(v, "w", encoding="utf-8", newline="\n") for k, v in files.items()}
-    answers: dict[str, str] = {}
+    answers: dict[str, str] = {}  # VQA-file answers -> type (vqa_answers.json)
+    all_answers: dict[str, str] = {}  # + pretraining qa answers (type2ans.json)
     captions: list[str] = []
     counts = {k: 0 for k in files}
 
@@ -172,7 +180,7 @@ def generate(out: str, seed: int = 1, size: str = "small", image_size: int = 256
     try:
         for split, n in (("train", n_train), ("valid", n_valid)):
             for i in range(n):
-                rng, img, objs, b64 = _scene(seed, split, i, image_size)
+                rng, img, objs, b64 = _scene(seed, split, i, image_size, max_objects)
                 sid = f"{split}{i}"
                 iid = (0 if split == "train" else 10_000_000) + i
                 cap = caption_of(objs)
@@ -182,7 +190,7 @@ def generate(out: str, seed: int = 1, size: str = "small", image_size: int = 256
                 else:
                     w("caption_valid", sid, iid, cap + "&&" + caption_of(objs, reverse=True), kinds, b64)
                 for k in range(q_per if split == "train" else 2):
-                    q, a, at = question_of(objs, rng)
+                    q, a, at = question_of(objs, rng, vqa_types)
                     answers.setdefault(a, at)
                     w(f"vqa_{split}", f"{sid}_{k}", iid, q, f"1.0|!+{a}", kinds, b64)
                 for k in range(2):
@@ -196,7 +204,8 @@ def generate(out: str, seed: int = 1, size: str = "small", image_size: int = 256
                 captions.append(cap)
                 gt = "&&".join(o.kind for o in objs)
                 w("vision_language", f"{sid}_c", b64, cap, "", "", gt, "synthetic", "caption")
-                q, a, _ = question_of(objs, rng)
+                q, a, at = question_of(objs, rng)
+                all_answers.setdefault(a, at)
                 w("vision_language", f"{sid}_q", b64, cap, q, f"1.0|!+{a}", gt, "synthetic", "qa")
                 o = objs[int(rng.integers(len(objs)))]
                 w("vision_language", f"{sid}_g", b64, expression_of(o, rng), "", ",".join(map(str, o.box)),
@@ -214,10 +223,11 @@ def generate(out: str, seed: int = 1, size: str = "small", image_size: int = 256
         f.write("\n".join(sorted(set(captions))) + "\n")
     with open(os.path.join(neg_dir, "object.txt"), "w") as f:
         f.write("\n".join(KINDS) + "\n")
+    all_answers.update(answers)
     type2ans: dict[str, list[str]] = {}
-    for a, t in sorted(answers.items()):
+    for a, t in sorted(all_answers.items()):
         type2ans.setdefault(t, []).append(a)
-    type2ans["other"] = sorted(answers)
+    type2ans["other"] = sorted(all_answers)
     with open(os.path.join(neg_dir, "type2ans.json"), "w") as f:
         json.dump(type2ans, f, indent=1, sort_keys=True)
     ans_file = os.path.join(dirs["vqa"], "vqa_answers.json")
@@ -225,7 +235,8 @@ def generate(out: str, seed: int = 1, size: str = "small", image_size: int = 256
         json.dump({a: i for i, a in enumerate(sorted(answers))}, f, indent=1)
     rel = lambda p: os.path.relpath(p, out)  # noqa: E731
     manifest = {
-        "seed": seed, "size": size, "image_size": image_size, "seconds": round(time.time() - t0, 2),
+        "seed": seed, "size": size, "image_size": image_size, "max_objects": max_objects,
+        "vqa_types": list(vqa_types), "seconds": round(time.time() - t0, 2),
         "rows": {k: counts[k] for k in files}, "files": {k: rel(v) for k, v in files.items()},
         "vqa_answers": rel(ans_file), "negative_sample": rel(neg_dir),
     }
