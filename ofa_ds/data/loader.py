@@ -7,6 +7,8 @@ Unusual points:
   worker outputs round-robin, hence in batch order. Resume state = (epoch, batches done).
 * Every random choice of a sample uses numpy Generator([seed, epoch, row, position]): resumed and uninterrupted
   runs produce bit-identical batches.
+* Pretraining extras hang off every 8th row of each rank's own sequence (so all ranks see them at the same
+  steps, as OFA's per-process counter does), with a slot number that is unique over ranks and epochs.
 * Files per epoch (§6.1): finetuning tasks train on path (e-1) mod (n-1) and validate on the last path; pretraining
   cycles all paths. A missing or empty file fails at construction, not mid-run.
 * A bad row is skipped; its batch is smaller. An all-bad batch is yielded as {"skip": True, ...} so the batch
@@ -50,17 +52,18 @@ class TaskStream(IterableDataset):
         pos = self.positions[b * bs:(b + 1) * bs]
         samples, bad = [], []
         extra_fn = getattr(self.task, "v2_samples", None)
-        for p in pos:
+        for k, p in enumerate(pos):
             ridx = int(order[p])
             rng = np.random.default_rng([self.cfg.seed, self.epoch, ridx, int(p)])
             try:
                 out = self.task.build(self.tsv.row(ridx), ridx, rng)
+                samples.extend(out if isinstance(out, list) else [out])
             except BadRow as e:
                 bad.append(f"{self.tsv.where(ridx)}: {e}")
-                continue
-            samples.extend(out if isinstance(out, list) else [out])
-            if extra_fn is not None:
-                more, more_bad = extra_fn(int(p), self.epoch, len(self.tsv), rng)
+            j = b * bs + k  # index of this row in the rank's sequence: OFA's per-process row counter
+            if extra_fn is not None and j % 8 == 0:
+                slot = (j // 8 + (self.epoch - 1) * (-(-len(self.positions) // 8))) * self.world + self.rank
+                more, more_bad = extra_fn(slot, np.random.default_rng([self.cfg.seed, self.epoch, slot, 0xE7, 1]))
                 samples.extend(more)
                 bad.extend(more_bad)
         meta = {"bad_rows": bad, "rows": len(pos), "batch_index": b, "epoch": self.epoch}

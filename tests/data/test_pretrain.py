@@ -102,3 +102,17 @@ def test_pretrain_resume_identical(tok, pre_files):
     s.load_state_dict({"epoch": 1, "batch": 2})
     rest = [b[0]["src_tokens"].tolist() if isinstance(b, tuple) else b["src_tokens"].tolist() for b in s]
     assert rest == ref[2:]
+
+
+def test_extras_same_steps_on_every_rank_distinct_rows(tok, pre_files, tmp_path):
+    texts = write_tsv(tmp_path / "texts.tsv", [[f"t{i}", f"sentence number {i}"] for i in range(40)])
+    files = dict(pre_files, text_data=texts, image_data="", detection_data="")
+    seen, pattern = [], []
+    for rank in range(2):
+        s = DataStream(cfg(files, batch_size=4), rank=rank, world=2, tokenizer=tok)
+        bs = list(s)
+        pattern.append([isinstance(b, tuple) for b in bs])
+        seen += [tok.decode([t for t in b[1]["target"][i].tolist() if t > 2])
+                 for b in bs if isinstance(b, tuple) for i in range(2)]
+    assert pattern[0] == pattern[1] == [True, False]  # 8 rows per rank: extras with row 0 of each rank
+    assert len(seen) == 4 and len(set(seen)) == 4  # ranks read different text rows

@@ -3,9 +3,9 @@ examples incl. ITM-style yes/no with negatives from negative_sample/) plus the "
 1 image-infilling, 1 detection sample) on every row whose epoch position is a multiple of 8.
 
 Unusual points:
-* Extras are read from their files at index k = pos // 8 (+ an epoch offset), two text rows 2k and 2k+1, all
-  modulo the file length; the position-based rule (instead of OFA's per-process running counter) is what makes
-  a resumed run identical, and each rank's shard still gets extras on one row in eight.
+* Extras come with rows 0, 8, 16, ... of each rank's sequence (OFA's per-process counter), and are read from
+  their files at a slot index k that is unique over ranks and epochs (two text rows 2k and 2k+1), modulo the file
+  lengths, so a resumed run reads the same extras.
 * Sizes scale with cfg: v1 crop S = patch_image_size (OFA 384), RandomResize short side in S*(1 + k/24), k=0..6
   (384..480 for S=384), long side clamped to 1.75*S (672); v2 images are v2_image_size (OFA 256). Boxes are always
   quantised against max_image_size (512), so pretraining bins stay below ~S/512 of the range, as in OFA.
@@ -194,11 +194,12 @@ class PretrainTask(Task):
         return Sample(id=sid, source=self.wrap(self.enc(P_DET)), target=tgt + [self.eos], prev=[self.bos] + tgt,
                       image=to_tensor(img), patch_mask=True, conf=2.0, v2=True)
 
-    def v2_samples(self, pos: int, epoch: int, n_main: int, rng):
-        """Extras for the row at epoch position `pos` (train split only): (samples, bad-row messages)."""
-        if not self.train or pos % 8:
+    def v2_samples(self, slot: int, rng):
+        """Extras for extras-slot `slot` (train split only): (samples, bad-row messages). Slot k reads text rows
+        2k and 2k+1, image row k and detection row k (modulo the file lengths)."""
+        if not self.train:
             return [], []
-        k = pos // 8 + (epoch - 1) * (-(-n_main // 8))
+        k = slot
         out, bad = [], []
         jobs = []
         if self.extra["text"] is not None:
