@@ -1,8 +1,9 @@
 """Data-loader throughput: samples/s per DataLoader worker for a 480x480 caption file, a 480x480 VQA file (with
 answer-trie constraint masks) and the pretraining mixture (v1 at 384 px + v2 extras at 256 px).
 
-Images are photo-like (shapes plus per-pixel noise, JPEG q90, ~100 KB each) so decoding costs what real data
-costs. One CSV row per benchmark is appended to benchmarks/results/data.csv (date, commit, machine, ...).
+Caption/VQA images are photo-like 640x480 JPEGs (shapes plus per-pixel noise, q90, ~130 KB) resized to 480x480
+by the loader, so decoding and resizing cost what real data costs; the pretraining rows are the synthetic
+generator's clean 480 px scenes. One CSV row per benchmark is appended to benchmarks/results/data.csv (date, commit, machine, ...).
 Usage: python -m benchmarks.bench_data [--rows 192] [--workers 0] [--batch 16] [--no-save]
 """
 from __future__ import annotations
@@ -26,8 +27,10 @@ from ofa_ds.data.synthetic import caption_of, draw_scene, generate, question_of 
 
 
 def photo(rng, size=480):
+    """A COCO-like 640x480 photo (so the loader also pays the bicubic resize to 480x480)."""
     img, objs = draw_scene(rng, size)
-    a = np.asarray(img, dtype=np.float32) + rng.normal(0, 18, (size, size, 3)).astype(np.float32)
+    img = img.resize((640, 480), Image.BICUBIC)
+    a = np.asarray(img, dtype=np.float32) + rng.normal(0, 18, (480, 640, 3)).astype(np.float32)
     return Image.fromarray(a.clip(0, 255).astype(np.uint8)), objs
 
 
