@@ -142,6 +142,28 @@ def _attention_fwd_kernel(
 
 
 @triton.jit
+def _attention_bwd_delta_kernel(
+    Out, DO, Delta,                   # o [B, H, Lq, D] contiguous, dO (any strides), δ [B·H, Lq] fp32 (output)
+    stride_ob, stride_oh, stride_om, stride_od,   # strides of dO
+    H, Lq, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """δ_i = Σ_d dO_id·O_id, the row term of dS = P ∘ (dP − δ)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
+    o = tl.load(Out + bh.to(tl.int64) * Lq * D + offs_m[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                 mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
+
+
+@triton.jit
 def _attention_bwd_dkdv_kernel(
     Q, K, V, Bias, KPM, DO, LSE, Delta,   # inputs; DO is dO, Delta the fp32 row sums Σ_d dO·O [B·H, Lq]
     DK, DV, DBias,                        # outputs: dk, dv contiguous like k, v; dbias [B, H, Lq, Lk] contiguous
@@ -383,7 +405,10 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     Lk = k.shape[2]
     if do.stride(-1) != 1:
         do = do.contiguous()
-    delta = (do.float() * out.float()).sum(-1)                                # [B, H, Lq] fp32
+    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    BLOCK_D = max(16, next_pow2(D))
+    _attention_bwd_delta_kernel[(triton.cdiv(Lq, 64), B * H)](out, do, delta, *do.stride(), H, Lq, D,
+                                                             BLOCK_M=64, BLOCK_D=BLOCK_D)
     dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H, Lk, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, H, Lk, D), dtype=v.dtype, device=v.device)
