@@ -36,7 +36,13 @@ def main(argv=None) -> int:
         print(json.dumps({"out": a.out, "seconds": m["seconds"], "rows": m["rows"]}, indent=1))
         return 0
     if a.cmd == "convert":
-        from .convert import convert
+        from .convert import CONVERT_TASKS, convert
+        if a.task not in CONVERT_TASKS:
+            print(f"convert supports --task {', '.join(CONVERT_TASKS)}; got {a.task!r}", file=sys.stderr)
+            return 2
+        if not os.path.isfile(a.annotations) or not os.path.isdir(a.images):
+            print(f"need an annotations file and an images folder: {a.annotations}, {a.images}", file=sys.stderr)
+            return 2
         written, _ = convert(a.task, a.images, a.annotations, a.out, a.max_side)
         return 0 if written else 1
     from .convert import EXTRA_VALIDATE, validate
