@@ -23,14 +23,14 @@ _PUNCT = str.maketrans("", "", string.punctuation)
 
 def pre_caption(text: str, max_words: int) -> str:
     t = text.lower().lstrip(",.!?*#:;~").replace("-", " ").replace("/", " ").replace("<person>", "person")
-    t = _WS.sub(" ", t).rstrip("\n").strip()
+    t = _WS.sub(" ", t).rstrip("\n").strip(" ")
     words = t.split(" ")
     return " ".join(words[:max_words]) if len(words) > max_words else t
 
 
 def pre_question(text: str, max_words: int) -> str:
     t = text.lower().lstrip(",.!?*#:;~").replace("-", " ").replace("/", " ")
-    t = _WS.sub(" ", t).rstrip("\n").strip()
+    t = _WS.sub(" ", t).rstrip("\n").strip(" ")
     words = t.split(" ")
     return " ".join(words[:max_words]) if len(words) > max_words else t
 
