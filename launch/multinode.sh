@@ -6,7 +6,8 @@
 #
 # Launchers (--launcher):
 #   pdsh     (default) one command on the launch node; pdsh ssh-es to every host, this one included.
-#   openmpi  mpirun over ssh (DeepSpeed finds ranks through mpi4py, which every node needs).
+#   openmpi  mpirun over ssh; each rank maps OMPI_COMM_WORLD_* to RANK/WORLD_SIZE/LOCAL_RANK and rendezvous at
+#            MASTER_ADDR:MASTER_PORT from the env file (no mpi4py needed).
 #   no_ssh   per-node launch: run this script once on every node with --node-rank N (SLURM: srun does it,
 #            see launch/slurm.sbatch). No ssh at all.
 #
@@ -45,9 +46,20 @@
 # Environment: PYTHON (interpreter, default: python on PATH), PDSH_SSH_ARGS_APPEND, NCCL_DEBUG (e.g. INFO).
 set -euo pipefail
 
+if [[ "${1:-}" == --as-mpi-rank ]]; then
+  # Internal: how each OpenMPI rank starts. Map Open MPI's rank variables to torch's, so that DeepSpeed uses
+  # MASTER_ADDR/MASTER_PORT from the env file instead of guessing them with mpi4py and `hostname -I`.
+  shift
+  export RANK="${OMPI_COMM_WORLD_RANK:?--as-mpi-rank is for processes started by mpirun}"
+  export WORLD_SIZE="$OMPI_COMM_WORLD_SIZE" LOCAL_RANK="$OMPI_COMM_WORLD_LOCAL_RANK"
+  export LOCAL_WORLD_SIZE="${OMPI_COMM_WORLD_LOCAL_SIZE:-1}"
+  exec "$@"
+fi
+
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$HERE")"
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
+PYTHON="$("$PYTHON" -c 'import sys; print(sys.executable)')"  # the real interpreter, not a pyenv/conda shim
 HOSTFILE="${OFA_HOSTFILE:-launch/hostfile}"
 LAUNCHER=pdsh
 NODE_RANK="${SLURM_NODEID:-${NODE_RANK:-}}"
@@ -122,6 +134,7 @@ if [[ -z "$ENV_FILE" ]]; then
   ENV_FILE="$REPO/runs/multinode/$(date +%Y%m%d-%H%M%S)-$$.deepspeed_env"
 fi
 (( NO_IB )) && EXTRA_SET+=("--set" "NCCL_IB_DISABLE=1")
+[[ "$LAUNCHER" == openmpi ]] && EXTRA_SET+=("--set" "MASTER_ADDR=$MASTER" "--set" "MASTER_PORT=$MASTER_PORT_ARG")
 "$PYTHON" -m ofa_ds.launch_utils env-file "$ENV_FILE" --repo "$REPO" ${IFNAME:+--ifname "$IFNAME"} \
   ${EXTRA_SET[@]+"${EXTRA_SET[@]}"} >/dev/null
 ENV_FILE="$(cd "$(dirname "$ENV_FILE")" && pwd)/$(basename "$ENV_FILE")"
@@ -157,16 +170,17 @@ CMD=("$PYTHON" -u -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --master_a
 case "$LAUNCHER" in
   pdsh)
     CMD+=(--launcher pdsh)
-    (( SKIP_DOCTOR )) || CMD+=(--no_ssh_check)
+    (( SKIP_DOCTOR )) || CMD+=(--no_ssh_check)  # the doctor checked ssh with the options pdsh uses
     ;;
   openmpi)
     # DeepSpeed defaults to `--mca btl_tcp_if_include eth0`; use the interface that reaches the master instead.
-    MPI_ARGS="--mca btl ^openib"
-    [[ -n "$IFNAME" ]] && MPI_ARGS+=" --mca btl_tcp_if_include $IFNAME --mca oob_tcp_if_include $IFNAME"
+    MPI_ARGS=""
+    [[ -n "$IFNAME" ]] && MPI_ARGS+="--mca btl_tcp_if_include $IFNAME --mca oob_tcp_if_include $IFNAME"
     [[ "$(id -u)" == 0 ]] && MPI_ARGS+=" --allow-run-as-root"
     RSH_ARGS="${PDSH_SSH_ARGS_APPEND:-}${SSH_PORT:+ -p $SSH_PORT}"
     [[ -n "${RSH_ARGS// }" ]] && export OMPI_MCA_plm_rsh_args="$RSH_ARGS"
-    CMD+=(--launcher openmpi --launcher_args "$MPI_ARGS")
+    (( SKIP_DOCTOR )) || CMD+=(--no_ssh_check)
+    CMD+=(--launcher openmpi --launcher_args "$MPI_ARGS" --no_python "$HERE/multinode.sh" --as-mpi-rank "$PYTHON" -u)
     ;;
   no_ssh)
     CMD+=(--no_ssh --node_rank "$NODE_RANK")

@@ -256,9 +256,6 @@ def _check_versions(opts: Options, rep: Report, probes: dict) -> None:
                 rep.problems.append(f"{h}: {key} is not installed for {info['executable']}")
         if info["ofa_ds"]["path"] is None:
             rep.problems.append(f"{h}: ofa_ds is not importable from {info['cwd']} (PYTHONPATH or pip install -e .)")
-        if opts.launcher == "openmpi" and info["mpi4py"] is None:
-            rep.problems.append(f"{h}: mpi4py is missing; DeepSpeed needs it to find ranks under OpenMPI "
-                                "(pip install mpi4py)")
     if len(probes) < 2:
         return
     for key in VERSION_KEYS:

@@ -175,6 +175,25 @@ def test_zero3_pdsh_two_hosts_matches_one_host(cluster, one_host_losses, tmp_pat
     assert leftover_jobs(cluster) == []
 
 
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI (mpirun) not installed: .ci/install_multinode.sh")
+def test_zero3_openmpi_two_hosts_matches_one_host(cluster, one_host_losses, tmp_path):
+    """`--launcher openmpi`: mpirun starts rank 1 on host b through ssh (its orted), ranks rendezvous at the master
+    from the env file."""
+    out = str(tmp_path / "run")
+    cmd = ["bash", "launch/multinode.sh", "--launcher", "openmpi", "--hostfile", cluster.hostfile(),
+           "--master-port", "29713", "--env-file", str(tmp_path / "ds_env"), "--no-config", "--"] + job(out)
+    p = cluster.run("a", cmd, env=cluster.ssh_env(), cwd=REPO, timeout=JOB_TIMEOUT)
+    print(p.stdout[-4000:], p.stderr[-4000:])
+    assert p.returncode == 0
+    assert "mpirun -n 2" in p.stdout + p.stderr
+    two = read_losses(out)
+    print("two hosts (openmpi):", two, "\none host:", one_host_losses)
+    assert_same_losses(two, one_host_losses)
+    world = json.load(open(os.path.join(out, "world.json")))
+    assert world["ranks"][1]["host"] == HOST_B  # started on host b by an orted that came in over ssh
+    assert leftover_jobs(cluster) == []
+
+
 def test_zero3_per_node_launch_matches_one_host(cluster, one_host_losses, tmp_path):
     """`--launcher no_ssh`: one launcher per host with its node rank (what srun does under SLURM)."""
     out = str(tmp_path / "run")
