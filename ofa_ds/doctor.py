@@ -100,7 +100,7 @@ def node_command(opts: Options, host: str, probe_args: list[str]) -> list[str]:
     shell = (f"cd {shlex.quote(opts.cwd)} 2>/dev/null || {{ echo OFA_DOCTOR_NOCWD; exit 3; }}; {exports}"
              f"exec {shlex.quote(opts.python)} -c {shlex.quote(code)} " + " ".join(map(shlex.quote, probe_args)))
     if opts.via == "srun":
-        return ["srun", "--nodes=1", "--ntasks=1", "-w", host, "bash", "-c", shell]
+        return ["srun", "--overlap", "--nodes=1", "--ntasks=1", "-w", host, "bash", "-c", shell]
     ssh = ["ssh", "-o", "BatchMode=yes", "-o", "PasswordAuthentication=no", "-o", f"ConnectTimeout={int(opts.timeout)}"]
     if opts.ssh_port:
         ssh += ["-p", str(opts.ssh_port)]

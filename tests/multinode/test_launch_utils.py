@@ -140,3 +140,9 @@ def test_multinode_refuses_bad_input(tmp_path):
     p = subprocess.run(["bash", "launch/multinode.sh", "--hostfile", bad, "--dry-run", "--no-config", "--", "x.py"],
                        cwd=REPO, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "node-a is listed twice" in p.stderr and "fix the hostfile" in p.stderr
+
+
+def test_shell_scripts_parse():
+    for script in ("launch/multinode.sh", "launch/slurm.sbatch", ".ci/install_multinode.sh"):
+        p = subprocess.run(["bash", "-n", os.path.join(REPO, script)], capture_output=True, text=True)
+        assert p.returncode == 0, f"{script}: {p.stderr}"
