@@ -240,7 +240,17 @@ def check(opts: Options) -> Report:
                 rep.problems.append(f"{h}: data path {path} is not readable there ({status})")
     for h in hosts:
         rep.rows.append(_row(opts, h, probes.get(h), hf.slots[h], results[h][1]))
+    _mark_differences(rep)
     return rep
+
+
+def _mark_differences(rep: Report) -> None:
+    """Append '*' to version cells that differ from the first answering host's."""
+    answered = [r for r in rep.rows if r[2] == "ok"]
+    for col in (3, 4, 5, 6):  # python, torch, deepspeed, ofa_ds (commit)
+        for r in answered[1:]:
+            if r[col] != answered[0][col]:
+                r[col] += " *"
 
 
 def _versions(info: dict) -> dict:
@@ -363,6 +373,8 @@ def render(opts: Options, rep: Report) -> str:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     for n in rep.notes:
         lines.append(f"note: {n}")
+    if any(c.endswith(" *") for r in rep.rows for c in r):
+        lines.append(f"note: * = differs from {rep.rows[0][0]}")
     if rep.problems:
         lines.append(f"PROBLEMS ({len(rep.problems)}):")
         lines += [f"  {i}. {p}" for i, p in enumerate(rep.problems, 1)]

@@ -33,27 +33,29 @@ import time
 BANNER = b"ofa-doctor\n"
 
 
-def nvidia_smi_gpus(smi: str | None = None) -> list[dict] | None:
-    """GPUs as dicts (index, name, mem_total_mib, mem_free_mib, capability "8.0" or None); None without nvidia-smi."""
-    smi = smi or shutil.which("nvidia-smi")
-    if not smi:
-        return None
-    rows = None
-    for fields in ("index,name,memory.total,memory.free,compute_cap", "index,name,memory.total,memory.free"):
-        out = subprocess.run([smi, f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=30)
-        if out.returncode == 0:  # old drivers do not know compute_cap: ask again without it
-            rows = out.stdout.strip().splitlines()
-            break
-    if rows is None:
-        raise RuntimeError(f"nvidia-smi failed: {out.stderr.strip() or out.stdout.strip()}")
+def parse_nvidia_smi_csv(text: str) -> list[dict]:
+    """Rows of `nvidia-smi --query-gpu=index,name,memory.total,memory.free[,compute_cap]
+    --format=csv,noheader,nounits` as dicts: index, name, mem_total_mib, mem_free_mib, capability ("8.0" or None)."""
     gpus = []
-    for row in rows:
+    for row in text.strip().splitlines():
         parts = [p.strip() for p in row.split(",")]
         cap = parts[4] if len(parts) > 4 and re.fullmatch(r"\d+\.\d+", parts[4]) else None
         gpus.append({"index": int(parts[0]), "name": parts[1], "mem_total_mib": int(float(parts[2])),
                      "mem_free_mib": int(float(parts[3])), "capability": cap})
     return gpus
+
+
+def nvidia_smi_gpus(smi: str | None = None) -> list[dict] | None:
+    """This node's GPUs (see parse_nvidia_smi_csv); None without nvidia-smi (a CPU-only node)."""
+    smi = smi or shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    for fields in ("index,name,memory.total,memory.free,compute_cap", "index,name,memory.total,memory.free"):
+        out = subprocess.run([smi, f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30)
+        if out.returncode == 0:  # old drivers do not know compute_cap: ask again without it
+            return parse_nvidia_smi_csv(out.stdout)
+    raise RuntimeError(f"nvidia-smi failed: {out.stderr.strip() or out.stdout.strip()}")
 
 
 def route_interface(addr: str) -> str | None:
