@@ -29,5 +29,5 @@ def assert_within_rule(name: str, out: Tensor, ref32: Tensor, lowp: Tensor | Non
         bound = 2 * (lowp.float() - ref32.float()).abs() + 2 * ULP[compute_dtype] * max(scale, 1e-3)
     worst = (err - bound).argmax()
     assert (err <= bound).all(), (
-        f"{name} ({out.dtype}, computed in {compute_dtype}): {int((err > bound).sum())} of {err.numel()} elements out of tolerance; worst "
-        f"err {err.flatten()[worst].item():.3g} > bound {bound.flatten()[worst].item():.3g} (ref max {scale:.3g})")
+        f"{name} ({out.dtype}, computed in {compute_dtype}): {int((err > bound).sum())} of {err.numel()} elements "
+        f"out of tolerance; worst err {err.flatten()[worst].item():.3g} > bound {bound.flatten()[worst].item():.3g} (ref max {scale:.3g})")

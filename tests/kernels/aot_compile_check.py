@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     for arch in args.arch:
         target = GPUTarget("cuda", arch, 32)
         for dtype in dtypes:
-            jobs = list(attention_jobs(dtype, args.all_configs and dtype == torch.bfloat16)) + list(layernorm_jobs(dtype))
+            all_configs = args.all_configs and dtype == torch.bfloat16
+            jobs = list(attention_jobs(dtype, all_configs)) + list(layernorm_jobs(dtype))
             fitting: dict[str, int] = {}
             for name, kind, fn, pointers, constexprs, launch in jobs:
                 constexprs = {**constexprs, **{k: v for k, v in launch.items() if k.startswith("BLOCK")}}

@@ -118,8 +118,8 @@ def test_layer_norm_rows_exceed_programs_and_constant_rows():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layer_norm_backward_is_deterministic(dtype):
-    inputs = {"x": torch.randn(31, 96, device=DEVICE).to(dtype), "weight": torch.randn(96, device=DEVICE).to(dtype),
-              "bias": torch.randn(96, device=DEVICE).to(dtype), "residual": torch.randn(31, 96, device=DEVICE).to(dtype)}
+    rnd = lambda *shape: torch.randn(*shape, device=DEVICE).to(dtype)  # noqa: E731
+    inputs = {"x": rnd(31, 96), "weight": rnd(96), "bias": rnd(96), "residual": rnd(31, 96)}
     dy, ds = torch.randn(31, 96, device=DEVICE).to(dtype), torch.randn(31, 96, device=DEVICE).to(dtype)
     a = _run(triton_layer_norm, inputs, dy, ds, 1e-5)
     b = _run(triton_layer_norm, inputs, dy, ds, 1e-5)
