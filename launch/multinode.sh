@@ -34,7 +34,7 @@
 #   --no-ib              NCCL_IB_DISABLE=1 (Ethernet only; for IB keep it unset and set NCCL_IB_HCA yourself)
 #   --zero N             ZeRO stage for the config pick (default 2)
 #   --precision P        auto | bf16 | fp16 | fp32 (default auto)
-#   --offload            pick the CPU-offload variant of the config
+#   --offload, --nvme    pick the CPU-offload / NVMe-offload variant of the config
 #   --ds-config FILE     use this config (no pick)
 #   --no-config          do not add --ds-config to SCRIPT ARGS (for scripts that build their own)
 #   --env-file FILE      where to write the exported environment (default runs/multinode/<time>.deepspeed_env)
@@ -93,7 +93,8 @@ while [[ $# -gt 0 ]]; do
     --no-ib) NO_IB=1; shift ;;
     --zero) need "$@"; ZERO="$2"; shift 2 ;;
     --precision) need "$@"; PRECISION="$2"; shift 2 ;;
-    --offload) OFFLOAD="--offload"; shift ;;
+    --offload) OFFLOAD="--offload offload"; shift ;;
+    --nvme) OFFLOAD="--offload nvme"; shift ;;
     --ds-config) need "$@"; DS_CONFIG="$2"; shift 2 ;;
     --no-config) NO_CONFIG=1; shift ;;
     --env-file) need "$@"; ENV_FILE="$2"; shift 2 ;;
@@ -143,7 +144,12 @@ export DS_ENV_FILE="$ENV_FILE"
 # 3. DeepSpeed config
 if (( ! NO_CONFIG )); then
   HAS_CFG=0
-  for a in ${SCRIPT_ARGS[@]+"${SCRIPT_ARGS[@]}"}; do [[ "$a" == --ds-config || "$a" == --ds-config=* ]] && HAS_CFG=1; done
+  PREV=""
+  for a in ${SCRIPT_ARGS[@]+"${SCRIPT_ARGS[@]}"}; do  # the script's own --ds-config wins (and goes to the doctor)
+    [[ "$PREV" == --ds-config ]] && { HAS_CFG=1; DS_CONFIG="$a"; }
+    [[ "$a" == --ds-config=* ]] && { HAS_CFG=1; DS_CONFIG="${a#--ds-config=}"; }
+    PREV="$a"
+  done
   if (( ! HAS_CFG )); then
     if [[ -z "$DS_CONFIG" ]]; then
       DS_CONFIG="$("$PYTHON" -m ofa_ds.launch_utils pick-config --zero "$ZERO" --precision "$PRECISION" \

@@ -17,7 +17,7 @@ Command line, used by the shell launchers:
 
     python -m ofa_ds.launch_utils hosts HOSTFILE            # "host slots" lines, or the problems and exit 2
     python -m ofa_ds.launch_utils precision                 # bf16 | fp16 | fp32 for this node
-    python -m ofa_ds.launch_utils pick-config --zero 3 [--precision auto] [--dir ds_configs]
+    python -m ofa_ds.launch_utils pick-config --zero 3 [--precision auto] [--offload offload|nvme]
     python -m ofa_ds.launch_utils ifname MASTER_ADDR        # interface that routes to MASTER_ADDR
     python -m ofa_ds.launch_utils env-file OUT [--ifname IF] [--set K=V ...]
 """
@@ -155,12 +155,12 @@ def pick_precision(gpus: list[Gpu] | None = None) -> str:
     return precision_for([g.capability for g in gpus], [g.name for g in gpus])
 
 
-def pick_ds_config(zero: int, precision: str, ds_dir: str = "ds_configs", offload: bool = False) -> str:
-    """The `ds_configs/` file for a ZeRO stage and a precision (fp32 = the CPU config).
+def pick_ds_config(zero: int, precision: str, ds_dir: str = "ds_configs", offload: str | None = None) -> str:
+    """The `ds_configs/` file for a ZeRO stage and a precision (fp32: the CPU/fp32 file).
 
     Names are matched loosely (`zero3_bf16.json`, `zero3-bf16.json`, `ds_zero3_fp16.json`, ...): the file must
-    name the stage and the precision; offload/NVMe variants are only picked with offload=True. Raises
-    FileNotFoundError listing what is there when nothing matches.
+    name the stage and the precision. offload="offload" picks the CPU-offload variant, "nvme" the NVMe one; without
+    it those are never picked. Raises FileNotFoundError listing what is there when nothing matches.
     """
     files = sorted(glob.glob(os.path.join(ds_dir, "*.json")))
 
@@ -168,28 +168,25 @@ def pick_ds_config(zero: int, precision: str, ds_dir: str = "ds_configs", offloa
         m = re.search(r"(?:zero|stage)[_-]?(\d)", name)
         return int(m.group(1)) if m else None
 
-    def is_offload(name: str) -> bool:
-        return bool(re.search(r"offload|nvme", name))
+    def kind_of(name: str) -> str | None:
+        return "nvme" if "nvme" in name else "offload" if "offload" in name else None
 
     cands = []
     for f in files:
         name = os.path.basename(f).lower()
-        if is_offload(name) != offload:
+        if kind_of(name) != offload:
             continue
         if precision == "fp32":
-            ok = "cpu" in name or "fp32" in name
-            ok = ok and stage_of(name) in (zero, None)
+            ok = ("cpu" in name or "fp32" in name) and stage_of(name) in (zero, None)
         else:
             ok = precision in name and stage_of(name) == zero
         if ok:
             cands.append(f)
-    if precision == "fp32":  # prefer the stage-specific CPU file, then any CPU/fp32 file
-        cands.sort(key=lambda f: (stage_of(os.path.basename(f).lower()) != zero, len(f)))
-    else:
-        cands.sort(key=len)
+    # prefer the stage-specific file, then the shortest name
+    cands.sort(key=lambda f: (stage_of(os.path.basename(f).lower()) != zero, len(f)))
     if not cands:
         have = ", ".join(os.path.basename(f) for f in files) or "nothing"
-        raise FileNotFoundError(f"no ZeRO-{zero} {precision}{' offload' if offload else ''} config in {ds_dir} "
+        raise FileNotFoundError(f"no ZeRO-{zero} {precision}{' ' + offload if offload else ''} config in {ds_dir} "
                                 f"(it holds: {have}); pass --ds-config")
     return cands[0]
 
@@ -247,7 +244,7 @@ def _main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("pick-config", help="the ds_configs file for a ZeRO stage and this node's precision")
     p.add_argument("--zero", type=int, default=2)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--offload", action="store_true")
+    p.add_argument("--offload", default=None, choices=["offload", "nvme"])
     p.add_argument("--dir", default="ds_configs")
     p = sub.add_parser("ifname", help="interface that routes to an address")
     p.add_argument("addr")

@@ -3,6 +3,7 @@ picks, the env file against DeepSpeed's reader, and `launch/multinode.sh --dry-r
 
 These run everywhere (no root, no ssh); the real launches are in test_two_hosts.py.
 """
+import json
 import os
 import shlex
 import subprocess
@@ -63,17 +64,32 @@ def test_precision_pick():
 
 
 def test_pick_ds_config(tmp_path):
-    for name in ("zero1_bf16.json", "zero3_bf16.json", "zero3_fp16.json", "zero3_offload_bf16.json",
+    for name in ("zero1_bf16.json", "zero3_bf16.json", "zero3_fp16.json", "zero3_offload_bf16.json", "zero3_nvme_bf16.json",
                  "zero3_cpu_fp32.json", "zero2-fp16.json"):
         (tmp_path / name).write_text("{}")
     d = str(tmp_path)
     assert os.path.basename(pick_ds_config(3, "bf16", d)) == "zero3_bf16.json"
     assert os.path.basename(pick_ds_config(3, "fp16", d)) == "zero3_fp16.json"
-    assert os.path.basename(pick_ds_config(3, "bf16", d, offload=True)) == "zero3_offload_bf16.json"
+    assert os.path.basename(pick_ds_config(3, "bf16", d, offload="offload")) == "zero3_offload_bf16.json"
+    assert os.path.basename(pick_ds_config(3, "bf16", d, offload="nvme")) == "zero3_nvme_bf16.json"
     assert os.path.basename(pick_ds_config(2, "fp16", d)) == "zero2-fp16.json"
     assert os.path.basename(pick_ds_config(3, "fp32", d)) == "zero3_cpu_fp32.json"
     with pytest.raises(FileNotFoundError, match="no ZeRO-2 bf16 config"):
         pick_ds_config(2, "bf16", d)
+
+
+def test_pick_from_the_shipped_configs():
+    """Every stage x precision the launcher can ask for has a file in ds_configs/ with that precision enabled."""
+    for zero in (1, 2, 3):
+        for prec in ("bf16", "fp16", "fp32"):
+            path = pick_ds_config(zero, prec, os.path.join(REPO, "ds_configs"))
+            cfg = json.load(open(path))
+            assert cfg["zero_optimization"]["stage"] == zero, path
+            for p in ("bf16", "fp16"):
+                assert cfg.get(p, {}).get("enabled") in ((True,) if p == prec else (False, "auto", None)), path
+    for kind in ("offload", "nvme"):
+        path = pick_ds_config(3, "bf16", os.path.join(REPO, "ds_configs"), offload=kind)
+        assert kind in os.path.basename(path)
 
 
 def test_env_file_is_what_deepspeed_reads(tmp_path):
