@@ -196,7 +196,9 @@ case "$LAUNCHER" in
 esac
 CMD+=("$SCRIPT" ${SCRIPT_ARGS[@]+"${SCRIPT_ARGS[@]}"})
 
-echo "multinode.sh: $NUM_NODES node(s) from $HOSTFILE, launcher $LAUNCHER$([[ $LAUNCHER == no_ssh ]] && echo " (node rank $NODE_RANK)")," \
+RANK_NOTE=""
+[[ "$LAUNCHER" == no_ssh ]] && RANK_NOTE=" (node rank $NODE_RANK)"
+echo "multinode.sh: $NUM_NODES node(s) from $HOSTFILE, launcher $LAUNCHER$RANK_NOTE," \
      "master $MASTER:$MASTER_PORT_ARG, interface ${IFNAME:-unset}, env file $ENV_FILE" >&2
 if (( DRY_RUN )); then
   echo "--- $ENV_FILE"; cat "$ENV_FILE"; echo "--- command"; printf '%q ' "${CMD[@]}"; echo

@@ -154,8 +154,9 @@ class MasterListener:
                                      text=True)
         line = self.proc.stdout.readline()  # the first line: listening, bind error, or nothing (ssh failed)
         if line.startswith("OFA_DOCTOR_BIND_ERROR"):
-            self.error = (f"master port {opts.master_port} cannot be opened on {host} ({line.split(' ', 1)[1].strip()}):"
-                          " another job or a stale rank holds it; pick another --master-port")
+            why = line.split(" ", 1)[1].strip()
+            self.error = (f"master port {opts.master_port} cannot be opened on {host} ({why}): another job or a "
+                          "stale rank holds it; pick another --master-port")
         elif not line.startswith("OFA_DOCTOR_LISTENING"):
             self.error = ""  # unreachable: reported by the probe of that host
         if self.error is not None:
@@ -325,8 +326,9 @@ def _check_network(opts: Options, rep: Report, probes: dict, master_addr: str, l
         for h, info in probes.items():
             if spec and not _ifname_ok(spec, info["interfaces"]):
                 route = info.get("route_ifname")
-                rep.problems.append(f"{h}: {var}={spec} matches no interface there (it has {', '.join(info['interfaces'])}"
-                                    f"{'; the master is reached through ' + route if route else ''})")
+                has = ", ".join(info["interfaces"])
+                via = f"; the master is reached through {route}" if route else ""
+                rep.problems.append(f"{h}: {var}={spec} matches no interface there (it has {has}{via})")
     routes = {h: i.get("route_ifname") for h, i in probes.items() if i.get("route_ifname")}
     if routes and not (env.get("NCCL_SOCKET_IFNAME") or os.environ.get("NCCL_SOCKET_IFNAME")):
         names = sorted(set(routes.values()) - {"lo"})

@@ -37,8 +37,8 @@ from ofa_ds.doctor_probe import nvidia_smi_gpus, route_interface  # stdlib-only 
 HOST_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*$")
 
 # Variables carried to every node when set on the launch node (prefix match), in addition to PATH/PYTHONPATH.
-PASS_PREFIXES = ("NCCL_", "GLOO_", "TORCH_", "OFA_", "HF_", "TRITON_", "CUDA_HOME", "LD_LIBRARY_PATH",
-                 "VIRTUAL_ENV", "CONDA_PREFIX", "OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR")
+PASS_PREFIXES = ("NCCL_", "GLOO_", "TORCH_", "OFA_", "HF_", "TRITON_", "DEEPSPEED_TIMEOUT", "CUDA_HOME",
+                 "LD_LIBRARY_PATH", "VIRTUAL_ENV", "CONDA_PREFIX", "OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR")
 # Never carried: per-node or per-process values that would be wrong elsewhere.
 NEVER_PASS = ("CUDA_VISIBLE_DEVICES", "NCCL_COMM_ID", "TORCH_NCCL_TRACE_BUFFER_SIZE")
 

@@ -64,8 +64,8 @@ def test_precision_pick():
 
 
 def test_pick_ds_config(tmp_path):
-    for name in ("zero1_bf16.json", "zero3_bf16.json", "zero3_fp16.json", "zero3_offload_bf16.json", "zero3_nvme_bf16.json",
-                 "zero3_cpu_fp32.json", "zero2-fp16.json"):
+    for name in ("zero1_bf16.json", "zero3_bf16.json", "zero3_fp16.json", "zero3_offload_bf16.json",
+                 "zero3_nvme_bf16.json", "zero3_cpu_fp32.json", "zero2-fp16.json"):
         (tmp_path / name).write_text("{}")
     d = str(tmp_path)
     assert os.path.basename(pick_ds_config(3, "bf16", d)) == "zero3_bf16.json"
