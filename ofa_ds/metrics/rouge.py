@@ -95,7 +95,7 @@ def rouge_builtin(hyp: str, ref: str) -> dict[str, float]:
 
 
 def rouge_scores(hyps: Sequence[str], refs: Sequence[str], stemmer: bool = True, backend: str = "auto") -> dict:
-    """Mean ROUGE-1/2/L F1 (×100, as OFA logs them) of post-processed hypotheses vs lower-cased references."""
+    """Mean ROUGE-1/2/L F1 (fractions; OFA logs ×100) of post-processed hypotheses vs lower-cased references."""
     if len(hyps) != len(refs):
         raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} references")
     scorer = None
@@ -116,7 +116,7 @@ def rouge_scores(hyps: Sequence[str], refs: Sequence[str], stemmer: bool = True,
         for k in tot:
             tot[k] += vals[k]
     n = max(len(hyps), 1)
-    out = {k: 100.0 * v / n for k, v in tot.items()}
+    out = {k: v / n for k, v in tot.items()}
     out["rouge_backend"] = ("rouge_score" + ("-stem" if stemmer else "")) if scorer is not None else "builtin-nostem"
     out["n"] = len(hyps)
     return out
