@@ -1,6 +1,7 @@
 """Small helpers shared by the Triton kernels of ofa_ds.kernels."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -11,6 +12,11 @@ import triton.language as tl
 def interpreting() -> bool:
     """True when Triton runs through its CPU interpreter (TRITON_INTERPRET=1, set before triton was imported)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's (no-op on CPU)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def next_pow2(n: int) -> int:

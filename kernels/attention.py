@@ -48,8 +48,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from ._utils import dot_precision, interpreting, next_pow2, to_dtype
+from ._utils import device_guard, dot_precision, interpreting, next_pow2, to_dtype
 
 LOG2E = 1.4426950408889634
 
@@ -446,12 +447,14 @@ def _reduce_to(grad: Tensor, shape: torch.Size, dtype: torch.dtype) -> Tensor:
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, kpm, causal, scale):
-        out, lse = _attention_fwd(q, k, v, _prepare_bias(bias, (*q.shape[:3], k.shape[2])), kpm, causal, scale)
+        with device_guard(q):
+            out, lse = _attention_fwd(q, k, v, _prepare_bias(bias, (*q.shape[:3], k.shape[2])), kpm, causal, scale)
         ctx.save_for_backward(q, k, v, bias, kpm, out, lse)
         ctx.causal, ctx.scale = causal, scale
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do):
         q, k, v, bias, kpm, out, lse = ctx.saved_tensors
         full = (*q.shape[:3], k.shape[2])
@@ -459,8 +462,9 @@ class AttentionFunction(torch.autograd.Function):
         if bias is not None and ctx.needs_input_grad[3]:
             broadcast = tuple((1,) * (4 - bias.dim()) + tuple(bias.shape)) != full
             grad_dtype = torch.float32 if broadcast else bias.dtype
-        dq, dk, dv, dbias = _attention_bwd(do, q, k, v, out, lse, _prepare_bias(bias, full), kpm, ctx.causal,
-                                           ctx.scale, grad_dtype)
+        with device_guard(q):
+            dq, dk, dv, dbias = _attention_bwd(do, q, k, v, out, lse, _prepare_bias(bias, full), kpm, ctx.causal,
+                                               ctx.scale, grad_dtype)
         if dbias is not None:
             dbias = _reduce_to(dbias, bias.shape, bias.dtype)
         return dq, dk, dv, dbias, None, None, None
@@ -493,4 +497,7 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = N
         kpm = key_padding_mask.to(torch.bool)
         kpm = (kpm if kpm.stride(-1) == 1 else kpm.contiguous()).view(torch.uint8)
     scale = D ** -0.5 if scale is None else float(scale)
+    if q.numel() == 0 or k.numel() == 0:          # nothing to launch: the reference handles empty shapes
+        from .reference import attention_ref
+        return attention_ref(q, k, v, bias=bias, key_padding_mask=key_padding_mask, causal=causal, scale=scale)
     return AttentionFunction.apply(q, k, v, bias, kpm, bool(causal), scale)

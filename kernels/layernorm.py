@@ -27,8 +27,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from ._utils import interpreting, next_pow2, to_dtype
+from ._utils import device_guard, interpreting, next_pow2, to_dtype
 
 MAX_WIDTH = 16384
 
@@ -177,7 +178,8 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, eps):
         shape, n = x.shape, x.shape[-1]
-        y, s, mean, rstd = _layer_norm_fwd(_rows(x, n), _rows(residual, n), weight, bias, eps)
+        with device_guard(x):
+            y, s, mean, rstd = _layer_norm_fwd(_rows(x, n), _rows(residual, n), weight, bias, eps)
         ctx.save_for_backward(s if s is not None else _rows(x, n), weight, mean, rstd)
         ctx.bias_dtype, ctx.x_dtype = bias.dtype if bias is not None else None, x.dtype
         ctx.res_dtype = residual.dtype if residual is not None else None
@@ -186,11 +188,13 @@ class LayerNormFunction(torch.autograd.Function):
         return y.reshape(shape), s.reshape(shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, ds=None):
         s, weight, mean, rstd = ctx.saved_tensors
         n = s.shape[-1]
-        dx, dres, dw, db = _layer_norm_bwd(_rows(dy, n), _rows(ds, n), s, weight, mean, rstd, ctx.x_dtype,
-                                           ctx.res_dtype)
+        with device_guard(s):
+            dx, dres, dw, db = _layer_norm_bwd(_rows(dy, n), _rows(ds, n), s, weight, mean, rstd, ctx.x_dtype,
+                                               ctx.res_dtype)
         shape = dy.shape
         dw = dw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         db = db.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
@@ -210,5 +214,9 @@ def triton_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps
             raise ValueError(f"{name} must be [{n}], got {tuple(p.shape)}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
+    if x.numel() == 0:                             # nothing to launch: the reference handles empty shapes
+        from .reference import layer_norm_ref
+        return layer_norm_ref(x, weight, bias, eps, residual=residual)
     weight = weight if weight is None or weight.is_contiguous() else weight.contiguous()
+    bias = bias if bias is None or bias.is_contiguous() else bias.contiguous()
     return LayerNormFunction.apply(x, weight, bias, residual, float(eps))
