@@ -1,0 +1,495 @@
+"""OFA as a DeepSpeed `PipelineModule`: the dense model's blocks laid out as one sequential chain of layers.
+
+DeepSpeed pipelines need a strictly sequential list of layers, each taking and returning a tensor or a tuple of
+tensors (performance-anchors.md §5, user-needs.md §2.6). OFA is an encoder-decoder with a shared token table, so
+it is flattened as follows (index: layer, what it passes on):
+
+    0            tied "embed" (encoder lookup)   (tok, src, img, pmask, prev, cm)
+    1            EncoderEmbedPipe                (x, pos, abs_bias, pad, pid, prev, cm)
+    2 … 1+Le     EncoderLayerPipe i              same; the last one drops abs_bias and pid
+    2+Le         EncoderFinalNormPipe            (enc, pos, pad, prev, cm)
+    3+Le         tied "embed" (decoder lookup)   (tok, enc, pos, pad, prev, cm)
+    4+Le         DecoderEmbedPipe                (x, enc, pad, self_abs, cross, self_pad, cm)
+    5+Le …       DecoderLayerPipe j              same; the last one returns x only
+    5+Le+Ld      DecoderFinalNormPipe            x
+    6+Le+Ld      tied "embed" (output head)      logits [B, T, V]
+
+Rules the layout follows, all forced by the PipelineEngine (engine.py `_exec_send_grads`/`_exec_backward_pass`):
+  * every floating-point tensor that crosses a stage boundary gets `requires_grad` on the receiving side and the
+    engine asserts it has a gradient after backward; so every float tensor passed on is consumed by a later layer
+    (abs_bias, pid dropped after the last encoder layer; decoder biases dropped after the last decoder layer), and
+    masks travel as **int64** (0/1) tensors, not floats, so they are never asked for a gradient;
+  * no None can travel: absent things are empty tensors (no image: img [B,0] / pid [B,0]; no code masks: cm [0]),
+    masks are always full tensors and turned back into None when nothing is padded, exactly as the dense model does;
+  * the shared V×C table is one `TiedLayerSpec` key used three times (its own forward = encoder lookup, so stage
+    0's layer_00 file saves it; decoder lookup and head use forward_fn); DeepSpeed all-reduces its gradient across
+    the owning stages;
+  * the embedding blocks call the dense `Encoder.embed` / `Decoder.embed` / `layer_bias` code on views that hold
+    the same parameters, so the pipeline computes exactly what the dense model computes;
+  * the big relative-bucket index tables are cached once per process/device, not stored per layer.
+
+Parameter names: `pipe_to_dense_names(cfg)` maps every pipeline parameter/buffer (layer index + local name) to the
+official name (`encoder.layers.3.fc1.weight`, ...); `dense_state_to_pipe` / `pipe_state_to_dense` convert whole state
+dicts; `ofa_ds.training.universal` converts DeepSpeed checkpoint folders both ways.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ofa_ds.config import ModelConfig
+from ofa_ds.model.layers import DecoderLayer, EncoderLayer, LayerNorm
+from ofa_ds.model.ofa import PAD, Decoder, Encoder, EncoderOut
+from ofa_ds.model.positions import make_decoder_image_position_idx, make_image_rp_bucket, make_token_rp_bucket
+from ofa_ds.model.resnet import ResNet, linspace
+
+TIED_KEY = "embed"
+DENSE_TIED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "decoder.output_projection.weight")
+
+# --------------------------------------------------------------------------------------------------------------
+# shared index tables
+_TABLES: dict[tuple, Tensor] = {}
+
+
+def _table(kind: str, a: int, b: int, device: torch.device) -> Tensor:
+    key = (kind, a, b, str(device))
+    if key not in _TABLES:
+        if kind == "token":
+            t = make_token_rp_bucket(a, b)
+        elif kind == "image":
+            t = make_image_rp_bucket(a)
+        else:
+            t = make_decoder_image_position_idx(a, b)
+        _TABLES[key] = t.to(device)
+    return _TABLES[key]
+
+
+def _none_if_empty(t: Tensor) -> Tensor | None:
+    return None if t.numel() == 0 else t
+
+
+def _out(*ts: Tensor) -> tuple:
+    """What a layer passes on: p2p sends need contiguous tensors (expanded position embeddings are not)."""
+    return tuple(t.contiguous() for t in ts)
+
+
+def _mask_or_none(m: Tensor) -> Tensor | None:
+    m = m.to(torch.bool)
+    return m if bool(m.any()) else None
+
+
+class _Lookup:
+    """Stands in for `embed_tokens` inside the dense embed code: returns the rows the tied layer looked up."""
+
+    def __init__(self, rows: Tensor):
+        self.rows = rows
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        return self.rows[:, -tokens.shape[1]:]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# layers
+class TokenEmbeddingPipe(nn.Embedding):
+    """The shared V×C token table (TiedLayerSpec key "embed"). Its own forward is the encoder-side lookup."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.vocab_size, cfg.d_model, padding_idx=PAD)
+
+    def forward(self, inputs: tuple) -> tuple:             # type: ignore[override]
+        src = inputs[0]
+        return _out(F.embedding(src, self.weight, self.padding_idx), *inputs)
+
+
+def decoder_lookup(emb: TokenEmbeddingPipe, inputs: tuple) -> tuple:
+    """forward_fn of the tied table at the decoder input: prepend embed(prev_output_tokens)."""
+    prev = inputs[3]
+    return _out(F.embedding(prev, emb.weight, emb.padding_idx), *inputs)
+
+
+def output_head(emb: TokenEmbeddingPipe, x: Tensor) -> Tensor:
+    """forward_fn of the tied table as the output projection (no bias)."""
+    return F.linear(x, emb.weight)
+
+
+class EncoderEmbedPipe(nn.Module):
+    """Everything of `Encoder.embed` except the token table: ResNet, image projection, type embedding, position
+    tables and the shared absolute bias. Attribute names equal the dense Encoder's."""
+
+    def __init__(self, cfg: ModelConfig, sample_patch_num: int | None = None):
+        super().__init__()
+        c, be = cfg.d_model, cfg.kernel_backend
+        self.cfg = cfg
+        self.sample_patch_num = sample_patch_num
+        self.layernorm_embedding = LayerNorm(c, be)
+        self.type_embedding = nn.Embedding(2, c)
+        self.embed_images = ResNet(cfg.resnet_layers, cfg.frozen_bn, cfg.resnet_drop_path_rate)
+        self.image_proj = nn.Linear(1024, c)
+        self.patch_layernorm_embedding = LayerNorm(c, be)
+        self.embed_positions = nn.Embedding(cfg.max_source_positions + 2, c)
+        self.embed_image_positions = nn.Embedding(cfg.image_bucket_size ** 2 + 1, c)
+        self.pos_ln = LayerNorm(c, be)
+        self.image_pos_ln = LayerNorm(c, be)
+        self.pos_q_linear = nn.Linear(c, c)
+        self.pos_k_linear = nn.Linear(c, c)
+        self.pos_scaling = (cfg.head_dim * cfg.attn_scale_factor) ** -0.5
+
+    def forward(self, inputs: tuple) -> tuple:
+        tok, src, img, pmask, prev, cm = inputs
+        view = SimpleNamespace(**{k: getattr(self, k) for k in (
+            "cfg", "layernorm_embedding", "type_embedding", "embed_images", "image_proj", "patch_layernorm_embedding",
+            "embed_positions", "embed_image_positions", "pos_ln", "image_pos_ln", "pos_q_linear", "pos_k_linear",
+            "pos_scaling", "training")}, embed_tokens=_Lookup(tok))
+        img = _none_if_empty(img)
+        state = Encoder.embed(view, src, img, None if img is None else _none_if_empty(pmask), self.sample_patch_num)
+        b, s = state["x"].shape[:2]
+        pad = state["padding_mask"]
+        pad = torch.zeros(b, s, dtype=torch.long, device=src.device) if pad is None else pad.long()
+        pid = state["image_pid"]
+        pid = torch.zeros(b, 0, dtype=torch.long, device=src.device) if pid is None else pid
+        return _out(state["x"], state["pos_embed"], state["abs_bias"], pad, pid, prev, cm)
+
+
+class _RelTables(nn.Module):
+    """One layer's relative-position tables (names follow the dense lists: token_rel_pos_table, image_…)."""
+
+    def _init_tables(self, cfg: ModelConfig) -> None:
+        self.token_rel_pos_table = nn.Embedding(2 * cfg.token_bucket_size - 1, cfg.num_heads)
+        self.image_rel_pos_table = nn.Embedding((2 * cfg.image_bucket_size - 1) ** 2 + 3, cfg.num_heads)
+
+    def _view(self, max_positions: int, decoder: bool) -> SimpleNamespace:
+        cfg, dev = self.cfg, self.token_rel_pos_table.weight.device
+        v = SimpleNamespace(token_rel_pos_table_list={self.idx: self.token_rel_pos_table},
+                            image_rel_pos_table_list={self.idx: self.image_rel_pos_table},
+                            token_rp_bucket=_table("token", cfg.token_bucket_size, max_positions, dev),
+                            image_rp_bucket=_table("image", cfg.image_bucket_size, 0, dev))
+        if decoder:
+            v.image_position_idx = _table("code", cfg.code_image_size, cfg.image_bucket_size, dev)
+        return v
+
+
+class EncoderLayerPipe(_RelTables):
+    """Encoder layer idx with its own relative-position tables; computes its bias like `Encoder.layer_bias`."""
+
+    def __init__(self, cfg: ModelConfig, idx: int, last: bool):
+        super().__init__()
+        self.cfg, self.idx, self.last = cfg, idx, last
+        self.layer = EncoderLayer(cfg, linspace(cfg.encoder_drop_path_rate, cfg.encoder_layers)[idx])
+        self._init_tables(cfg)
+
+    def forward(self, inputs: tuple) -> tuple:
+        x, pos, abs_bias, pad, pid, prev, cm = inputs
+        pid_ = _none_if_empty(pid)
+        state = {"abs_bias": abs_bias, "image_pid": pid_,
+                 "num_text": x.shape[1] - (0 if pid_ is None else pid_.shape[1])}
+        bias = Encoder.layer_bias(self._view(self.cfg.max_source_positions, False), self.idx, state)
+        x = self.layer(x, _mask_or_none(pad), bias)
+        if self.last:
+            return _out(x, pos, pad, prev, cm)
+        return _out(x, pos, abs_bias, pad, pid, prev, cm)
+
+
+class EncoderFinalNormPipe(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.layer_norm = LayerNorm(cfg.d_model, cfg.kernel_backend)
+
+    def forward(self, inputs: tuple) -> tuple:
+        x, pos, pad, prev, cm = inputs
+        return _out(self.layer_norm(x), pos, pad, prev, cm)
+
+
+class DecoderEmbedPipe(nn.Module):
+    """`Decoder.embed` without the token table: position tables, absolute self bias, cross bias, LayerNorms."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c, be = cfg.d_model, cfg.kernel_backend
+        self.cfg = cfg
+        self.layernorm_embedding = LayerNorm(c, be)
+        self.embed_positions = nn.Embedding(cfg.max_target_positions + 2, c)
+        self.embed_image_positions = nn.Embedding(cfg.image_bucket_size ** 2 + 1, c)
+        self.pos_ln = LayerNorm(c, be)
+        self.image_pos_ln = LayerNorm(c, be)
+        self.self_pos_q_linear = nn.Linear(c, c)
+        self.self_pos_k_linear = nn.Linear(c, c)
+        self.cross_pos_q_linear = nn.Linear(c, c)
+        self.cross_pos_k_linear = nn.Linear(c, c)
+        self.code_layernorm_embedding = LayerNorm(c, be)
+        self.pos_scaling = (cfg.head_dim * cfg.attn_scale_factor) ** -0.5
+
+    def forward(self, inputs: tuple) -> tuple:
+        tok, enc, pos, pad, prev, cm = inputs
+        view = SimpleNamespace(**{k: getattr(self, k) for k in (
+            "cfg", "layernorm_embedding", "embed_positions", "embed_image_positions", "pos_ln", "image_pos_ln",
+            "self_pos_q_linear", "self_pos_k_linear", "cross_pos_q_linear", "cross_pos_k_linear",
+            "code_layernorm_embedding", "pos_scaling", "training")}, embed_tokens=_Lookup(tok),
+            image_position_idx=_table("code", self.cfg.code_image_size, self.cfg.image_bucket_size, prev.device))
+        state = Decoder.embed(view, prev, EncoderOut(enc, _mask_or_none(pad), pos), _none_if_empty(cm))
+        sp = state["self_padding_mask"]
+        sp = torch.zeros_like(prev) if sp is None else sp.long()
+        return _out(state["x"], enc, pad, state["self_abs_bias"], state["cross_bias"], sp, cm)
+
+
+class DecoderLayerPipe(_RelTables):
+    """Decoder layer idx with its relative-position tables; computes its bias like `Decoder.layer_bias`."""
+
+    def __init__(self, cfg: ModelConfig, idx: int, last: bool):
+        super().__init__()
+        self.cfg, self.idx, self.last = cfg, idx, last
+        self.layer = DecoderLayer(cfg, linspace(cfg.decoder_drop_path_rate, cfg.decoder_layers)[idx])
+        self._init_tables(cfg)
+
+    def forward(self, inputs: tuple):
+        x, enc, pad, self_abs, cross, sp, cm = inputs
+        cm_ = _none_if_empty(cm)
+        state = {"length": x.shape[1], "start": 0, "self_abs_bias": self_abs,
+                 "code_masks": None if cm_ is None else cm_.to(torch.bool)[:, None, None]}
+        bias = Decoder.layer_bias(self._view(self.cfg.max_target_positions, True), self.idx, state)
+        x = self.layer(x, enc, _mask_or_none(pad), bias, cross, _mask_or_none(sp))
+        if self.last:
+            return x
+        return _out(x, enc, pad, self_abs, cross, sp, cm)
+
+
+class DecoderFinalNormPipe(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.layer_norm = LayerNorm(cfg.d_model, cfg.kernel_backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer_norm(x)
+
+
+LAYER_TYPES = (EncoderLayerPipe, DecoderLayerPipe)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# layout and names
+def layer_roles(cfg: ModelConfig) -> list[tuple[str, int]]:
+    """(role, block index) for every pipeline position; roles: tied_enc, enc_embed, enc_layer, enc_norm, tied_dec,
+    dec_embed, dec_layer, dec_norm, tied_head."""
+    roles = [("tied_enc", 0), ("enc_embed", 0)] + [("enc_layer", i) for i in range(cfg.encoder_layers)]
+    roles += [("enc_norm", 0), ("tied_dec", 0), ("dec_embed", 0)] + [("dec_layer", i) for i in range(cfg.decoder_layers)]
+    return roles + [("dec_norm", 0), ("tied_head", 0)]
+
+
+def _local_to_dense(role: str, i: int, local: str) -> str:
+    if role == "tied_enc":
+        return "encoder.embed_tokens." + local
+    if role == "enc_embed":
+        return "encoder." + local
+    if role in ("enc_layer", "dec_layer"):
+        side = "encoder" if role == "enc_layer" else "decoder"
+        head, rest = local.split(".", 1)
+        if head == "layer":
+            return f"{side}.layers.{i}.{rest}"
+        return f"{side}.{head}_list.{i}.{rest}"             # token_rel_pos_table.weight → …_list.i.weight
+    if role == "enc_norm":
+        return "encoder." + local
+    if role == "dec_embed":
+        return "decoder." + local
+    if role == "dec_norm":
+        return "decoder." + local
+    raise KeyError(f"pipeline role {role} has no parameters of its own")
+
+
+def pipe_key_to_dense(cfg: ModelConfig, layer_idx: int, local: str) -> str:
+    """Official name of parameter/buffer `local` of pipeline layer `layer_idx` (as in the layer_XX checkpoint files)."""
+    role, i = layer_roles(cfg)[layer_idx]
+    return _local_to_dense(role, i, local)
+
+
+def dense_key_to_pipe(cfg: ModelConfig) -> dict[str, tuple[int, str]]:
+    """Official name → (pipeline layer index, local name), for every parameter/buffer a pipeline holds.
+    The tied table maps to layer 0 ("weight") under each of its three official names."""
+    ref = build_layer_modules(cfg)
+    out: dict[str, tuple[int, str]] = {}
+    for idx, (role, _i) in enumerate(layer_roles(cfg)):
+        mod = ref[idx]
+        if mod is None:
+            continue
+        for local in mod.state_dict():
+            out[pipe_key_to_dense(cfg, idx, local)] = (idx, local)
+    for k in DENSE_TIED[1:]:
+        out[k] = (0, "weight")
+    return out
+
+
+def pipe_to_dense_names(cfg: ModelConfig) -> dict[str, str]:
+    """PipelineModule.state_dict() name (`3.layer.fc1.weight`, `tied_modules.embed.weight`) → official name."""
+    out = {}
+    for dense, (idx, local) in dense_key_to_pipe(cfg).items():
+        if idx == 0:
+            if dense == DENSE_TIED[0]:
+                out[f"tied_modules.{TIED_KEY}.{local}"] = dense
+        else:
+            out[f"{idx}.{local}"] = dense
+    return out
+
+
+def build_layer_modules(cfg: ModelConfig, device: str = "meta") -> list[nn.Module | None]:
+    """One module per pipeline position (None for the tied re-uses), on the meta device by default (for names)."""
+    with torch.device(device):
+        specs = _layer_specs(cfg, None)
+        return [None if r in ("tied_dec", "tied_head") else s.typename(*s.module_args, **s.module_kwargs)
+                for s, (r, _) in zip(specs, layer_roles(cfg))]
+
+
+def _layer_specs(cfg: ModelConfig, sample_patch_num: int | None) -> list:
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+    le, ld = cfg.encoder_layers, cfg.decoder_layers
+    specs: list = [TiedLayerSpec(TIED_KEY, TokenEmbeddingPipe, cfg),
+                   LayerSpec(EncoderEmbedPipe, cfg, sample_patch_num)]
+    specs += [LayerSpec(EncoderLayerPipe, cfg, i, i == le - 1) for i in range(le)]
+    specs += [LayerSpec(EncoderFinalNormPipe, cfg), TiedLayerSpec(TIED_KEY, TokenEmbeddingPipe, cfg,
+                                                                    forward_fn=decoder_lookup),
+              LayerSpec(DecoderEmbedPipe, cfg)]
+    specs += [LayerSpec(DecoderLayerPipe, cfg, j, j == ld - 1) for j in range(ld)]
+    specs += [LayerSpec(DecoderFinalNormPipe, cfg), TiedLayerSpec(TIED_KEY, TokenEmbeddingPipe, cfg,
+                                                                    forward_fn=output_head)]
+    return specs
+
+
+def dense_state_to_pipe(cfg: ModelConfig, dense: dict[str, Tensor]) -> dict[int, dict[str, Tensor]]:
+    """Official-name state dict → {pipeline layer index: local state dict} (layer 0 holds the tied table)."""
+    out: dict[int, dict[str, Tensor]] = {}
+    for name, (idx, local) in dense_key_to_pipe(cfg).items():
+        if name in DENSE_TIED[1:]:
+            continue
+        if name not in dense:
+            raise KeyError(f"dense state has no {name} (needed by pipeline layer {idx}.{local})")
+        out.setdefault(idx, {})[local] = dense[name]
+    return out
+
+
+def pipe_state_to_dense(cfg: ModelConfig, layers: dict[int, dict[str, Tensor]]) -> dict[str, Tensor]:
+    """{pipeline layer index: local state} → official-name state dict (tied table under its three names)."""
+    out: dict[str, Tensor] = {}
+    for idx, sd in layers.items():
+        for local, t in sd.items():
+            out[pipe_key_to_dense(cfg, idx, local)] = t
+    if DENSE_TIED[0] in out:
+        for k in DENSE_TIED[1:]:
+            out[k] = out[DENSE_TIED[0]]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# loss, batches, module
+class PipeLoss:
+    """loss_fn of the pipeline: OFA's label-smoothed CE (ofa_ds.losses) over [B,T,V] logits, divided by the
+    micro-batch's token count (`normalize="tokens"`) or left summed (`"sum"`). `labels` is the target tensor or a
+    tuple (target, conf) with conf [B] float per-sample weights."""
+
+    def __init__(self, eps: float = 0.1, normalize: str = "tokens", **ce_kwargs: Any):
+        if normalize not in ("tokens", "sum"):
+            raise ValueError(f"normalize must be 'tokens' or 'sum', got {normalize!r}")
+        self.eps, self.normalize, self.kw = eps, normalize, ce_kwargs
+        self.__name__ = "label_smoothed_ce"
+
+    def __call__(self, logits: Tensor, labels) -> Tensor:
+        from ofa_ds.losses import label_smoothed_ce
+        target, conf = (labels, None) if torch.is_tensor(labels) else (labels[0], _none_if_empty(labels[1]))
+        out = label_smoothed_ce(logits, target, eps=self.eps, conf=conf, **self.kw)
+        return out.loss / max(out.ntokens, 1) if self.normalize == "tokens" else out.loss
+
+
+def batch_to_pipe(batch: dict) -> tuple[tuple[Tensor, ...], Any]:
+    """A collated batch dict (ofa_ds.data) → ((src, img, pmask, prev, cm), labels) as the PipelineEngine wants.
+    Empty tensors stand for missing images / code masks; masks travel as int64."""
+    src = batch["src_tokens"]
+    b = src.shape[0]
+    img = batch.get("patch_images")
+    img = torch.zeros(b, 0) if img is None else img.float()
+    pm = batch.get("patch_masks")
+    pm = torch.ones(b, dtype=torch.long) if pm is None else pm.long()
+    cm = batch.get("code_masks")
+    cm = torch.zeros(0, dtype=torch.long) if cm is None else cm.long()
+    labels: Any = batch["target"]
+    if batch.get("conf") is not None:
+        labels = (batch["target"], batch["conf"].float())
+    return (src, img, pm, batch["prev_output_tokens"], cm), labels
+
+
+def build_pipeline(cfg: ModelConfig, num_stages: int = 2, loss_fn: Callable | None = None,
+                   partition_method: str = "parameters", activation_checkpointing: bool = False,
+                   sample_patch_num: int | None = None, dynamic_shape: bool = True, **kw):
+    """The PipelineModule (call after deepspeed.init_distributed). partition_method: 'parameters' (tied table
+    counted once), 'uniform', 'type:EncoderLayerPipe|DecoderLayerPipe' (equal transformer-layer count), or
+    'ofa:N' = first N layer positions on stage 0 (2 stages). activation_checkpointing recomputes every encoder/decoder
+    layer in backward (torch's non-reentrant checkpoint)."""
+    from ofa_ds.training.activation_checkpoint import pipeline_checkpoint_kwargs
+    from deepspeed.pipe import PipelineModule
+
+    class OFAPipelineModule(PipelineModule):
+        def _count_layer_params(self):
+            seen, counts = set(), []
+            for spec in self._layer_specs:
+                key = getattr(spec, "key", None)
+                if key is not None and key in seen:
+                    counts.append(0)
+                    continue
+                seen.add(key)
+                with torch.device("meta"):
+                    counts.append(sum(p.numel() for p in spec.build().parameters() if p.requires_grad))
+            return counts
+
+        def _partition_layers(self, method="parameters"):
+            if method.startswith("ofa:"):
+                n = int(method.split(":")[1])
+                self.parts = [0, n, len(self._layer_specs)]
+                self._set_bounds(start=self.parts[self.stage_id], stop=self.parts[self.stage_id + 1])
+            else:
+                super()._partition_layers(method)
+            # stage 0 must own the encoder embedding with the first lookup (the float image input has no gradient)
+            if len(self.parts) > 2 and self.parts[1] < 2:
+                self.parts[1] = 2
+                self._set_bounds(start=self.parts[self.stage_id], stop=self.parts[self.stage_id + 1])
+
+    ac = pipeline_checkpoint_kwargs(activation_checkpointing)
+    return OFAPipelineModule(_layer_specs(cfg, sample_patch_num), num_stages=num_stages,
+                             loss_fn=loss_fn or PipeLoss(), partition_method=partition_method,
+                             dynamic_shape=dynamic_shape, **ac, **kw)
+
+
+def local_layers(module) -> dict[int, nn.Module]:
+    """{global layer index: module} of the layers this stage built (tied table as index of its first use)."""
+    out = {int(name): m for name, m in module.named_children() if name.isdigit()}
+    if TIED_KEY in module.tied_modules:
+        out.setdefault(0, module.tied_modules[TIED_KEY])
+    return out
+
+
+@torch.no_grad()
+def load_dense_into_pipeline(module, dense: dict[str, Tensor], cfg: ModelConfig) -> None:
+    """Copy an official-name state dict (OFAModel.state_dict(), load_official, a ZeRO fp32 consolidation) into the
+    layers this stage owns. Every local parameter/buffer must be found (KeyError names what is missing)."""
+    per_layer = dense_state_to_pipe(cfg, dense)
+    for idx, mod in local_layers(module).items():
+        want = per_layer.get(idx, {})
+        own = mod.state_dict()
+        missing = sorted(set(own) - set(want))
+        if missing:
+            raise KeyError(f"pipeline layer {idx}: no dense weights for {missing[:10]}")
+        mod.load_state_dict({k: want[k] for k in own}, strict=True)
+
+
+def gather_dense_state(module, cfg: ModelConfig) -> dict[str, Tensor] | None:
+    """Collect the whole model's official-name state dict on global rank 0 (None elsewhere): each stage's data
+    parallel rank 0 contributes its layers through torch.distributed.gather_object."""
+    import torch.distributed as dist
+    mine = {idx: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+            for idx, m in local_layers(module).items()}
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    merged: dict[int, dict[str, Tensor]] = {}
+    for p in parts:
+        merged.update(p)
+    return pipe_state_to_dense(cfg, merged)
