@@ -28,3 +28,12 @@ def batch():
     src = torch.tensor([[0, 100, 200, 300, 2], [0, 50, 60, 2, 1], [0, 7, 2, 1, 1]])
     return {"src_tokens": src, "patch_images": torch.randn(3, 3, 64, 64, generator=g),
             "patch_masks": torch.tensor([True, True, False])}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Generation runs many tiny ops: on the shared 2-core CI machine, intra-op threads mostly spin and wait."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
