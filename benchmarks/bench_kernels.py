@@ -304,7 +304,7 @@ def main(argv=None) -> int:
     p.add_argument("--ops", default="attention,layernorm")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--presets", default="huge,large,base", help="attention presets, in order")
-    p.add_argument("--providers", default="ours,sdpa,flex,eager")
+    p.add_argument("--providers", default="ours,sdpa,eager,flex", help="flex last: it compiles per shape")
     p.add_argument("--ln-providers", default="ours,torch,apex")
     p.add_argument("--budget-s", type=float, default=1e9, help="stop starting new measurements after this long")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (Triton interpreter); no GPU figures")

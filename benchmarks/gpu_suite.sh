@@ -5,8 +5,11 @@
 #
 # Needs only torch and triton (pytest for the tests part: without it the tests are skipped and the log says so);
 # no deepspeed, no network, no install (an uninstalled checkout works: see tests/kernels/conftest.py). Finishes in
-# under 8 minutes on one H100/H200/A100: the tests run with fixed tiles (OFA_DS_KERNEL_AUTOTUNE=0) under a 170 s
-# limit, the benchmarks autotune and stop starting new measurements after ~270 s. Writes into OUT_DIR:
+# under 8 minutes on one H100/H200/A100: tests/kernels/test_gpu_kernels.py (OFA's real shapes, compiled bf16/fp16
+# kernels) runs with fixed tiles (OFA_DS_KERNEL_AUTOTUNE=0) under a 170 s limit; the benchmarks autotune and stop
+# starting new measurements when the 7-minute mark nears. Every Triton compile costs seconds, and the CPU kernel
+# tests would compile ~150 variants: FULL_TESTS=1 runs all of tests/kernels on the GPU too, without the time limit
+# (budget 10+ minutes for that). Writes into OUT_DIR:
 #   env.txt         GPU, driver, torch/triton versions, commit, date
 #   gpu_tests.log   pytest output (gpu_tests.xml: JUnit)
 #   kernels.csv     benchmark rows (schema in benchmarks/bench_kernels.py); copy the rows you want to keep into
@@ -34,11 +37,16 @@ fi
 status=0
 if "$PY" -c "import pytest" 2>/dev/null; then
   # -o addopts= drops pytest.ini's --timeout (pytest-timeout may be absent) and its marker filter.
-  OFA_DS_KERNEL_AUTOTUNE=0 timeout 170 "$PY" -m pytest tests/kernels -q -o addopts= -m "not slow" -p no:cacheprovider \
-      --junitxml "$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
+  if [ "${FULL_TESTS:-0}" = "1" ]; then
+    tests=(tests/kernels); limit=3600
+  else
+    tests=(tests/kernels/test_gpu_kernels.py); limit=170
+  fi
+  OFA_DS_KERNEL_AUTOTUNE=0 timeout "$limit" "$PY" -m pytest "${tests[@]}" -q -o addopts= -m "not slow" \
+      -p no:cacheprovider --continue-on-collection-errors --junitxml "$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
   status=$?
   tail -n 25 "$OUT/gpu_tests.log"
-  echo "kernel tests exit status: $status (124 = hit the 170 s limit)"
+  echo "kernel tests exit status: $status (124 = hit the ${limit} s limit)"
 else
   echo "pytest is not installed: GPU tests skipped" | tee "$OUT/gpu_tests.log"
 fi

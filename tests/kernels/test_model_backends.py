@@ -3,8 +3,13 @@
 import pytest
 import torch
 
-from ofa_ds.config import preset
-from ofa_ds.model import OFAModel
+try:
+    from ofa_ds.config import preset
+    from ofa_ds.model import OFAModel
+except ImportError as e:  # a bare GPU box running benchmarks/gpu_suite.sh may lack the model's dependencies
+    pytest.skip(f"model package not importable: {e}", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _batch(b=2, L=9, T=7, size=64):
@@ -15,15 +20,17 @@ def _batch(b=2, L=9, T=7, size=64):
     prev = torch.randint(4, 1000, (b, T), generator=g)
     prev[:, 0] = 0
     target = torch.randint(4, 1000, (b, T), generator=g)
-    return src, torch.randn(b, 3, size, size, generator=g), prev, target
+    img = torch.randn(b, 3, size, size, generator=g)
+    return src.to(DEVICE), img.to(DEVICE), prev.to(DEVICE), target.to(DEVICE)
 
 
 def _loss_and_grads(backend, state):
     torch.manual_seed(0)
-    model = OFAModel(preset("tiny", encoder_layers=2, decoder_layers=2, kernel_backend=backend)).eval()
+    model = OFAModel(preset("tiny", encoder_layers=1, decoder_layers=1, kernel_backend=backend)).eval()
     model.load_state_dict(state)
+    model.to(DEVICE)
     src, img, prev, target = _batch()
-    logits = model(src, img, torch.tensor([True, True]), prev)
+    logits = model(src, img, torch.tensor([True, True], device=DEVICE), prev)
     loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten())
     loss.backward()
     return logits.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -31,7 +38,7 @@ def _loss_and_grads(backend, state):
 
 def test_tiny_model_backends_agree():
     torch.manual_seed(0)
-    ref_model = OFAModel(preset("tiny", encoder_layers=2, decoder_layers=2))
+    ref_model = OFAModel(preset("tiny", encoder_layers=1, decoder_layers=1))
     with torch.no_grad():  # make the relative-position tables matter (their init is tiny)
         for p in ref_model.parameters():
             if p.dim() == 2 and p.shape[1] == ref_model.cfg.num_heads:
