@@ -410,62 +410,129 @@ def sample(model, batch: dict, cfg: GenerationConfig, trie: Optional[Trie] = Non
 
 
 # ---- all-candidate scoring -----------------------------------------------------------------------------------------
+def _row_logprobs(h: Tensor, W: Tensor, tgt: Sequence[int], allowed: Optional[Sequence[Sequence[int]]],
+                  max_floats: int = 32_000_000) -> Tensor:
+    """log p(tgt[i] | h[i]) with the softmax over allowed[i] (all of W's rows when allowed is None): [n] float32.
+    Narrow allowed sets are scored on gathered rows of W (never the full [n, V] logits)."""
+    n, V = h.shape[0], W.shape[0]
+    dev = h.device
+    out = torch.empty(n, dtype=torch.float32, device=dev)
+    tgt_t = torch.as_tensor(list(tgt), dtype=torch.long, device=dev)
+    wide = list(range(n)) if allowed is None else [i for i in range(n) if len(allowed[i]) > 64]
+    step = max(1, max_floats // V)
+    for s in range(0, len(wide), step):
+        rows = torch.as_tensor(wide[s: s + step], dtype=torch.long, device=dev)
+        logits = F.linear(h[rows], W).float()                                       # [r, V]
+        if allowed is None:
+            lse = torch.logsumexp(logits, -1)
+        else:
+            keep = torch.zeros_like(logits, dtype=torch.bool)
+            for r, i in enumerate(rows.tolist()):
+                keep[r, list(allowed[i])] = True
+            lse = torch.logsumexp(logits.masked_fill(~keep, -math.inf), -1)
+        out[rows] = logits.gather(1, tgt_t[rows, None]).squeeze(1) - lse
+    if allowed is not None:
+        buckets: dict[int, list[int]] = {}
+        for i, a in enumerate(allowed):
+            if 0 < len(a) <= 64:
+                buckets.setdefault(1 << (len(a) - 1).bit_length(), []).append(i)
+            elif not a:
+                out[i] = -math.inf
+        for w, rows_l in buckets.items():
+            rows = torch.as_tensor(rows_l, dtype=torch.long, device=dev)
+            idx = torch.zeros(len(rows_l), w, dtype=torch.long, device=dev)
+            valid = torch.zeros(len(rows_l), w, dtype=torch.bool, device=dev)
+            for r, i in enumerate(rows_l):
+                idx[r, : len(allowed[i])] = torch.as_tensor(list(allowed[i]), dtype=torch.long)
+                valid[r, : len(allowed[i])] = True
+            logits = torch.bmm(W[idx], h[rows, :, None]).squeeze(-1).float()         # [r, w]
+            lse = torch.logsumexp(logits.masked_fill(~valid, -math.inf), -1)
+            t = (W[tgt_t[rows]] * h[rows]).sum(-1).float()
+            out[rows] = t - lse
+        bad = [i for i in range(n) if tgt[i] not in allowed[i]]
+        if bad:
+            out[torch.as_tensor(bad, dtype=torch.long, device=dev)] = -math.inf
+    return out
+
+
+def _expand_cache(cache: dict, n: int) -> dict:
+    """Fresh cache dict whose tensors are stride-0 views of `cache`'s (batch 1) repeated n times."""
+    out: dict = {"length": cache["length"]}
+    for key, layer in cache.items():
+        if key != "length":
+            out[key] = {kind: {name: t.expand(n, *t.shape[1:]) for name, t in kv.items()}
+                        for kind, kv in layer.items()}
+    return out
+
+
 @torch.no_grad()
 def score_candidates(model, enc, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]],
-                     trie: Optional[Trie] = None, chunk_rows: int = 256) -> Tensor:
+                     trie: Optional[Trie] = None, chunk_rows: int = 512) -> Tensor:
     """§8.3: score every candidate answer (token lists without eos) for every sample by teacher forcing.
 
     prompts[b] = sample b's decoder prompt starting with bos (VQA/SNLI-VE prev_output: bos + question; ImageNet:
     [bos]). Returns [B, N] float scores = sum over the answer tokens and eos of log p, with the log-softmax taken
-    over the trie children of [bos] + answer prefix when `trie` is given (over the vocabulary otherwise)."""
+    over the trie children of [bos] + answer prefix when `trie` is given (over the vocabulary otherwise); a
+    candidate the trie does not contain scores -inf.
+
+    Each sample's prompt is decoded once into a KV cache (its cross-attention K/V included); every chunk of
+    `chunk_rows` candidates then decodes only its answer tokens on stride-0 views of that cache, with the
+    encoder-side position bias broadcast from batch 1 — the encoder output is never copied per candidate."""
+    from ofa_ds.model import EncoderOut
     B, N = len(prompts), len(candidates)
     dev = enc.hidden.device
-    out = torch.full((B * N,), -math.inf, dtype=torch.float32, device=dev)
-    # per candidate: targets (answer + eos) and, with a trie, the allowed-id lists of each answer position
-    cand_t = [list(c) + [EOS] for c in candidates]
-    allowed_lists = None
+    W = model.decoder.output_projection.weight
+    out = torch.empty(B, N, dtype=torch.float32, device=dev)
+    cands = [list(map(int, c)) for c in candidates]
+    if any(not c for c in cands):
+        raise ValueError("empty candidate answer")
+    first_tok = [c[0] for c in cands]
+    first_allowed = trie.next_tokens([BOS]) if trie is not None else None
+    # later positions k = 1..L of candidate j: target (c[k] or eos) and the trie children of [bos] + c[:k]
+    later_tgt = [[*c[1:], EOS] for c in cands]
+    later_allowed = None
     if trie is not None:
-        allowed_lists = [[trie.next_tokens([BOS, *c[:j]]) or [EOS] for j in range(len(c) + 1)] for c in candidates]
-    proj = model.decoder.output_projection
-    rows_all = [(b, j) for b in range(B) for j in range(N)]
-    for s in range(0, len(rows_all), chunk_rows):
-        rows = rows_all[s: s + chunk_rows]
-        seqs = [list(prompts[b]) + list(candidates[j]) for b, j in rows]
-        T = max(len(q) for q in seqs)
-        prev = torch.full((len(rows), T), PAD, dtype=torch.long, device=dev)
-        for r, q in enumerate(seqs):
-            prev[r, : len(q)] = torch.as_tensor(q, dtype=torch.long)
-        sub = enc.index_select(torch.tensor([b for b, _ in rows], dtype=torch.long, device=dev))
-        hidden = model.decoder(prev, sub, None, None, features_only=True)          # [R, T, C]
-        r_idx, t_idx, tgt, allow = [], [], [], []
-        for r, (b, j) in enumerate(rows):
-            p = len(prompts[b])
-            for k, t in enumerate(cand_t[j]):
-                r_idx.append(r)
-                t_idx.append(p - 1 + k)
-                tgt.append(t)
-                if allowed_lists is not None:
-                    allow.append(allowed_lists[j][k])
-        r_i = torch.tensor(r_idx, device=dev)
-        logits = proj(hidden[r_i, torch.tensor(t_idx, device=dev)]).float()         # [P, V]
-        tgt_t = torch.tensor(tgt, device=dev)
-        if allowed_lists is None:
-            lp = logits.gather(1, tgt_t[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
+        later_allowed = [[trie.next_tokens([BOS, *c[:k]]) for k in range(1, len(c) + 1)] for c in cands]
+    for b in range(B):
+        p = [int(t) for t in prompts[b]]
+        P = len(p)
+        enc_b = enc.index_select(torch.tensor([b], device=dev))
+        cache: dict = {}
+        h_last = model.decoder(torch.tensor([p], device=dev), enc_b, None, cache, features_only=True)[:, -1]
+        logits = F.linear(h_last, W).float()[0]                                   # one row: the full vocabulary
+        if trie is None:
+            lse = torch.logsumexp(logits, -1)
         else:
-            width = max(len(a) for a in allow)
-            idx = torch.zeros(len(allow), width, dtype=torch.long, device=dev)
-            valid = torch.zeros(len(allow), width, dtype=torch.bool, device=dev)
-            is_in = torch.zeros(len(allow), dtype=torch.bool, device=dev)
-            for i, a in enumerate(allow):
-                idx[i, : len(a)] = torch.as_tensor(a, dtype=torch.long)
-                valid[i, : len(a)] = True
-                is_in[i] = tgt[i] in a
-            lse = torch.logsumexp(logits.gather(1, idx).masked_fill(~valid, -math.inf), -1)
-            lp = logits.gather(1, tgt_t[:, None]).squeeze(1) - lse
-            lp = lp.masked_fill(~is_in, -math.inf)
-        sums = torch.zeros(len(rows), dtype=torch.float32, device=dev).index_add_(0, r_i, lp)
-        out[s: s + len(rows)] = sums
-    return out.view(B, N)
+            lse = torch.logsumexp(logits[torch.tensor(first_allowed, dtype=torch.long, device=dev)], -1)
+        lp_first = logits[torch.tensor(first_tok, device=dev)] - lse
+        if trie is not None:
+            ok = set(first_allowed)
+            lp_first = lp_first.masked_fill(torch.tensor([t not in ok for t in first_tok], device=dev), -math.inf)
+        for s in range(0, N, chunk_rows):
+            js = list(range(s, min(N, s + chunk_rows)))
+            c = len(js)
+            A = max(len(cands[j]) for j in js)
+            prev = torch.full((c, P + A), PAD, dtype=torch.long, device=dev)
+            prev[:, :P] = torch.tensor(p, device=dev)
+            for r, j in enumerate(js):
+                prev[r, P: P + len(cands[j])] = torch.tensor(cands[j], device=dev)
+            pm = enc_b.padding_mask
+            enc_c = EncoderOut(enc_b.hidden, None if pm is None else pm.expand(c, -1), enc_b.pos_embed)
+            h = model.decoder(prev, enc_c, None, _expand_cache(cache, c), features_only=True)     # [c, A, C]
+            ri, ki, tg, al = [], [], [], []
+            for r, j in enumerate(js):
+                for k in range(len(cands[j])):
+                    ri.append(r)
+                    ki.append(k)
+                    tg.append(later_tgt[j][k])
+                    if later_allowed is not None:
+                        al.append(later_allowed[j][k])
+            r_t = torch.tensor(ri, dtype=torch.long, device=dev)
+            lp = _row_logprobs(h[r_t, torch.tensor(ki, dtype=torch.long, device=dev)], W, tg,
+                               al if later_allowed is not None else None)
+            sums = torch.zeros(c, dtype=torch.float32, device=dev).index_add_(0, r_t, lp)
+            out[b, s: s + c] = lp_first[s: s + c] + sums
+    return out
 
 
 # ---- task-level helpers ---------------------------------------------------------------------------------------------
