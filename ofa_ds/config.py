@@ -134,3 +134,198 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return dataclasses.replace(PRESETS[name], **overrides)
+
+
+# ====================================================================================================================
+# Training side (owned by the training code): TrainConfig, EvalConfig, RunConfig. Recipes in ofa_ds/recipes.py
+# return a RunConfig; `--set train.lr=1e-5` style overrides go through `RunConfig.override`.
+# ====================================================================================================================
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+LossName = Literal["ce", "encouraging"]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, loss and bookkeeping of one run (ofa-reference.md §7, §10)."""
+
+    max_steps: int = 1000
+    """Optimizer updates to run (each = grad_accum micro-batches per rank); replaced when epochs > 0."""
+    epochs: int = 0
+    """When > 0: max_steps = epochs · ceil(batches per epoch per rank / grad_accum), as OFA's --max-epoch."""
+    grad_accum: int = 1
+    """Micro-batches per update per rank (fairseq --update-freq)."""
+    lr: float = 1e-4
+    """Peak learning rate (reached after warmup)."""
+    end_lr: float = 0.0
+    """Learning rate at max_steps (polynomial decay, power 1 = linear)."""
+    lr_power: float = 1.0
+    """Power of the polynomial decay (OFA: 1)."""
+    warmup_steps: int = -1
+    """Linear warmup from 0; -1 = derive from warmup_ratio."""
+    warmup_ratio: float = 0.06
+    """Warmup as a fraction of max_steps when warmup_steps is -1 (int(ratio · max_steps), as OFA)."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay on all parameters (OFA applies it to every parameter)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_norm: float = 1.0
+    """Gradient clipping by global norm (0 = off; pretraining uses 5.0)."""
+    precision: Precision = "auto"
+    """'auto' (whatever the ds_config enables; fp32 when it enables neither), fp32, bf16 (A100/H100) or fp16 with
+    dynamic loss scaling (V100). An explicit value must agree with the ds_config."""
+    loss: LossName = "ce"
+    """'ce' = adjust_label_smoothed_cross_entropy (§7.1); 'encouraging' = §7.3."""
+    label_smoothing: float = 0.1
+    """ε of §7.1 (pretraining 0.0)."""
+    drop_worst_ratio: float = 0.0
+    """Drop this fraction of the highest-loss tokens once step > drop_worst_after."""
+    drop_worst_after: int = 0
+    """Step after which drop_worst applies."""
+    drop_best_ratio: float = 0.0
+    """Encouraging loss only: drop this fraction of the lowest-loss tokens once step > drop_best_after."""
+    drop_best_after: int = 0
+    """Step after which drop_best applies."""
+    log_end: float = 0.75
+    """Encouraging loss: where the bonus turns linear."""
+    constraint_range: str = ""
+    """'a,b' restricts the loss to ids 0-3 and a..b-1 (text-to-image: '50265,58457'); empty = off."""
+    sample_patch_num: int = 196
+    """Pretraining pairs: image tokens kept per v1 sample (OFA 196); 0 = all."""
+    freeze_embeddings: bool = False
+    """Freeze the shared token table (OFA's --freeze-encoder-embedding --freeze-decoder-embedding)."""
+    init: str = ""
+    """Initial weights: an official .pt, a converted folder (config.json + weights) or one of our run folders."""
+    seed: int = 1
+    """Seed of parameter init, dropout and patch sampling (data has its own seed in DataConfig)."""
+    log_every: int = 10
+    """Console line + JSONL + TensorBoard record every this many steps (and at the last step)."""
+    eval_every: int = 0
+    """Held-out evaluation every this many steps (0 = only at the end)."""
+    save_every: int = 0
+    """DeepSpeed checkpoint every this many steps (0 = only at the end when save_final)."""
+    save_final: bool = True
+    """Checkpoint after the last step."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
+    export_final: bool = True
+    """After training, consolidate to <out>/final/ (config.json + model.safetensors, loadable by from_pretrained)."""
+    progress: bool = True
+    """Progress bar with ETA on rank 0 (stderr)."""
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.loss not in ("ce", "encouraging"):
+            raise ValueError(f"train.loss must be 'ce' or 'encouraging', got {self.loss!r}")
+        if self.max_steps < 1 or self.grad_accum < 1:
+            raise ValueError(f"train.max_steps ({self.max_steps}) and train.grad_accum ({self.grad_accum}) must be >= 1")
+        if not 0 <= self.drop_worst_ratio < 1 or not 0 <= self.drop_best_ratio < 1:
+            raise ValueError("train.drop_worst_ratio / drop_best_ratio must be in [0, 1)")
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps >= 0 else int(self.warmup_ratio * self.max_steps)
+
+    def range_tuple(self) -> tuple[int, int] | None:
+        if not self.constraint_range:
+            return None
+        a, b = (int(x) for x in self.constraint_range.split(","))
+        return a, b
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation. Pretraining evaluates the tasks in `data` (task -> validation TSV); a finetuning run
+    evaluates its own task on the last file of DataConfig.data when `data` is empty."""
+
+    data: dict[str, str] = field(default_factory=dict)
+    """task -> validation TSV (caption, vqa, refcoco, snli_ve); answers for vqa come from `vqa_answers`."""
+    vqa_answers: str = ""
+    """Candidate answers of the VQA evaluation (json answer -> label); empty = DataConfig.ans2label_file."""
+    max_samples: int = 256
+    """Samples per task and evaluation (0 = all)."""
+    batch_size: int = 32
+    """Samples per evaluation batch per rank."""
+    max_len: int = 20
+    """Greedy caption decoding length (grounding decodes exactly 4 bins)."""
+    reference_stats: dict[str, str] = field(default_factory=dict)
+    """task -> training TSV (in that task's format) the trivial baselines come from: most frequent VQA answer, most
+    frequent caption, mean box. Tasks without an entry get no baseline."""
+
+
+@dataclass
+class RunConfig:
+    """One run: model + data + train + eval, plus where it writes. `to_dict()` is what config.json in the run folder
+    holds; `from_dict` rebuilds it exactly."""
+
+    name: str = "run"
+    """Recipe name (informational)."""
+    out_dir: str = "runs/default"
+    """Run folder: config.json, ds_config.json, metrics.jsonl, tb/, checkpoints/, final/, eval.json."""
+    ds_config: str = "ds_configs/cpu_fp32.json"
+    """DeepSpeed JSON with engine choices; "auto" fields are filled from this config."""
+    synthetic_root: str = ""
+    """When set, generate the built-in synthetic dataset here if it is missing (the default run)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: Any = None
+    """An ofa_ds.data.DataConfig (imported lazily so that config.py does not import the data package)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.data is None:
+            from ofa_ds.data.config import DataConfig
+            self.data = DataConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "out_dir": self.out_dir, "ds_config": self.ds_config,
+                "synthetic_root": self.synthetic_root, "model": self.model.to_dict(), "data": self.data.to_dict(),
+                "train": {**dataclasses.asdict(self.train), "betas": list(self.train.betas)},
+                "eval": dataclasses.asdict(self.eval)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "RunConfig") -> "RunConfig":
+        from ofa_ds.data.config import DataConfig
+        _check_keys(cls, d, where)
+        for key, sub in (("train", TrainConfig), ("eval", EvalConfig)):
+            _check_keys(sub, d.get(key, {}), f"{where}.{key}")
+        return cls(name=d.get("name", "run"), out_dir=d.get("out_dir", "runs/default"),
+                   ds_config=d.get("ds_config", "ds_configs/cpu_fp32.json"),
+                   synthetic_root=d.get("synthetic_root", ""),
+                   model=ModelConfig.from_dict(d.get("model", {}), f"{where}.model"),
+                   data=DataConfig.from_dict(d.get("data", {}), f"{where}.data"),
+                   train=TrainConfig(**d.get("train", {})), eval=EvalConfig(**d.get("eval", {})))
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "RunConfig") -> "RunConfig":
+        return cls.from_dict(json.loads(text), where)
+
+    def override(self, assignments: list[str]) -> "RunConfig":
+        """Apply `section.field=value` strings (value parsed as JSON when it parses, else taken as a string).
+        Unknown sections or fields are an error naming the known ones. Returns a new RunConfig."""
+        d = self.to_dict()
+        for a in assignments:
+            key, sep, raw = a.partition("=")
+            if not sep:
+                raise ValueError(f"--set expects key=value, got {a!r}")
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            parts = key.strip().split(".")
+            node = d
+            for p in parts[:-1]:
+                if p not in node or not isinstance(node[p], dict):
+                    raise ValueError(f"--set {key}: no config section {p!r}; sections: "
+                                     f"{sorted(k for k, v in node.items() if isinstance(v, dict))}")
+                node = node[p]
+            if parts[-1] not in node and not (len(parts) == 3 and parts[1] in ("data", "reference_stats")):
+                raise ValueError(f"--set {key}: unknown field {parts[-1]!r}; known: {sorted(node)}")
+            node[parts[-1]] = value
+        return RunConfig.from_dict(d, "--set")
