@@ -26,26 +26,48 @@ WHY_NOT = requirements()
 pytestmark = [pytest.mark.distributed, pytest.mark.skipif(WHY_NOT is not None, reason=f"two-host test: {WHY_NOT}")]
 
 HOST_A, HOST_B = NODES["a"][0], NODES["b"][0]
-STEPS = 4
-JOB_TIMEOUT = 150
+STEPS = 3
+JOB_TIMEOUT = 170
 
 
-# ------------------------------------------------------------------------------------------------------- the job
+# ------------------------------------------------------------------------------------------------------- the jobs
 
-def job(out: str) -> list[str]:
-    """The training job every launch path runs: a few ZeRO-3 steps, losses written by rank 0 under `out`."""
+def pretrain(out: str) -> list[str]:
+    """The real thing, kept short: OFA-Tiny pretraining on the synthetic mixture, a few ZeRO-3 fp32 steps with a
+    learning rate large enough (no warmup) that every step after the first depends on the previous update."""
+    sets = ["data.batch_size=2", "train.lr=1e-3", "train.warmup_steps=0", "train.log_every=1",
+            "train.save_final=false", "train.export_final=false", "train.progress=false", "eval.data={}"]
+    return ["launch/pretrain.py", "--out", out, "--steps", str(STEPS)] + [a for kv in sets for a in ("--set", kv)]
+
+
+def tiny(out: str) -> list[str]:
+    """A few ZeRO-3 steps of a tiny MLP (tests/multinode/tiny_zero3.py): the other launch paths, in seconds."""
     return ["tests/multinode/tiny_zero3.py", "--out", out, "--steps", str(STEPS)]
 
 
 def read_losses(out: str) -> list[float]:
-    with open(os.path.join(out, "losses.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f if line.strip()]
+    """Per-step losses: pretrain's metrics.jsonl (train records) or tiny_zero3's losses.jsonl."""
+    name = "metrics.jsonl" if os.path.exists(os.path.join(out, "metrics.jsonl")) else "losses.jsonl"
+    with open(os.path.join(out, name)) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    return [r["loss"] for r in recs if "loss" in r and "eval" not in r]
 
 
 def assert_same_losses(two: list[float], one: list[float]) -> None:
     assert len(two) == len(one) == STEPS, (two, one)
+    assert len(set(one)) == STEPS  # the steps differ: the comparison is not of a constant
     for a, b in zip(two, one):
         assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7), f"two hosts {two} vs one host {one}"
+
+
+def one_host(job, out: str, port: int) -> list[float]:
+    """The reference: the same job on this machine alone, two ranks, plain `deepspeed --num_gpus 2`."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port)] + job(out)
+    if job is pretrain:
+        cmd += ["--ds-config", "ds_configs/zero3_fp32.json"]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return read_losses(out)
 
 
 # ------------------------------------------------------------------------------------------------------- fixtures
@@ -57,13 +79,13 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_host_losses(tmp_path_factory):
-    """The reference: the same job on this machine alone, two ranks, plain `deepspeed --num_gpus 2`."""
-    out = str(tmp_path_factory.mktemp("one_host"))
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29731"] + job(out)
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=JOB_TIMEOUT)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return read_losses(out)
+def one_host_pretrain(tmp_path_factory):
+    return one_host(pretrain, str(tmp_path_factory.mktemp("one_host_pretrain")), 29731)
+
+
+@pytest.fixture(scope="module")
+def one_host_tiny(tmp_path_factory):
+    return one_host(tiny, str(tmp_path_factory.mktemp("one_host_tiny")), 29732)
 
 
 def doctor(cluster, hostfile, *args, env=None):
@@ -154,11 +176,12 @@ def test_doctor_reports_busy_master_port_and_wrong_interface(cluster, tmp_path):
 
 # ------------------------------------------------------------------------------------------------------- training
 
-def test_zero3_pdsh_two_hosts_matches_one_host(cluster, one_host_losses, tmp_path):
-    """`launch/multinode.sh` (doctor first, then DeepSpeed's runner through pdsh) on host a for both hosts."""
+def test_pretrain_zero3_pdsh_two_hosts_matches_one_host(cluster, one_host_pretrain, tmp_path):
+    """`launch/multinode.sh --zero 3` (config picked for CPU, doctor first, then DeepSpeed's runner through pdsh)
+    started on host a for both hosts: launch/pretrain.py, one rank per host."""
     out = str(tmp_path / "run")
     cmd = ["bash", "launch/multinode.sh", "--hostfile", cluster.hostfile(), "--master-port", "29711",
-           "--env-file", str(tmp_path / "ds_env"), "--no-config", "--"] + job(out)
+           "--env-file", str(tmp_path / "ds_env"), "--zero", "3", "--"] + pretrain(out)
     p = cluster.run("a", cmd, env=cluster.ssh_env(), cwd=REPO, timeout=JOB_TIMEOUT)
     print(p.stdout[-4000:], p.stderr[-4000:])
     assert p.returncode == 0
@@ -166,35 +189,38 @@ def test_zero3_pdsh_two_hosts_matches_one_host(cluster, one_host_losses, tmp_pat
     assert "interface ofa0" in p.stderr
     env_lines = (tmp_path / "ds_env").read_text().splitlines()
     assert "NCCL_SOCKET_IFNAME=ofa0" in env_lines and "GLOO_SOCKET_IFNAME=ofa0" in env_lines
-    assert f"{HOST_B}:" in p.stdout  # pdsh prefixes the lines of host b's ranks
+    assert f"{HOST_B}:" in p.stdout  # pdsh prefixes the output of host b's launcher
+    ds_cfg = json.load(open(os.path.join(out, "ds_config.json")))
+    assert ds_cfg["zero_optimization"]["stage"] == 3
     two = read_losses(out)
-    print("two hosts (pdsh):", two, "\none host:", one_host_losses)
-    assert_same_losses(two, one_host_losses)
-    world = json.load(open(os.path.join(out, "world.json")))
-    assert [r["host"] for r in world["ranks"]] == [HOST_A, HOST_B]
+    print("pretrain, two hosts (pdsh):", two, "\npretrain, one host:", one_host_pretrain)
+    assert_same_losses(two, one_host_pretrain)
+    report = json.loads([line for line in p.stdout.splitlines() if line.startswith(f"{HOST_A}: {{")][-1]
+                        .split(": ", 1)[1])
+    assert report["world_size"] == 2 and report["zero_stage"] == 3
     assert leftover_jobs(cluster) == []
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI (mpirun) not installed: .ci/install_multinode.sh")
-def test_zero3_openmpi_two_hosts_matches_one_host(cluster, one_host_losses, tmp_path):
+def test_zero3_openmpi_two_hosts_matches_one_host(cluster, one_host_tiny, tmp_path):
     """`--launcher openmpi`: mpirun starts rank 1 on host b through ssh (its orted), ranks rendezvous at the master
     from the env file."""
     out = str(tmp_path / "run")
     cmd = ["bash", "launch/multinode.sh", "--launcher", "openmpi", "--hostfile", cluster.hostfile(),
-           "--master-port", "29713", "--env-file", str(tmp_path / "ds_env"), "--no-config", "--"] + job(out)
+           "--master-port", "29713", "--env-file", str(tmp_path / "ds_env"), "--no-config", "--"] + tiny(out)
     p = cluster.run("a", cmd, env=cluster.ssh_env(), cwd=REPO, timeout=JOB_TIMEOUT)
     print(p.stdout[-4000:], p.stderr[-4000:])
     assert p.returncode == 0
     assert "mpirun -n 2" in p.stdout + p.stderr
     two = read_losses(out)
-    print("two hosts (openmpi):", two, "\none host:", one_host_losses)
-    assert_same_losses(two, one_host_losses)
+    print("two hosts (openmpi):", two, "\none host:", one_host_tiny)
+    assert_same_losses(two, one_host_tiny)
     world = json.load(open(os.path.join(out, "world.json")))
     assert world["ranks"][1]["host"] == HOST_B  # started on host b by an orted that came in over ssh
     assert leftover_jobs(cluster) == []
 
 
-def test_zero3_per_node_launch_matches_one_host(cluster, one_host_losses, tmp_path):
+def test_zero3_per_node_launch_matches_one_host(cluster, one_host_tiny, tmp_path):
     """`--launcher no_ssh`: one launcher per host with its node rank (what srun does under SLURM)."""
     out = str(tmp_path / "run")
     logs = [str(tmp_path / f"node{r}.log") for r in (0, 1)]
@@ -203,7 +229,7 @@ def test_zero3_per_node_launch_matches_one_host(cluster, one_host_losses, tmp_pa
         for rank, node in enumerate("ab"):
             cmd = ["bash", "launch/multinode.sh", "--launcher", "no_ssh", "--node-rank", str(rank),
                    "--hostfile", cluster.hostfile(), "--master-port", "29712",
-                   "--env-file", str(tmp_path / f"ds_env{rank}"), "--no-config", "--"] + job(out)
+                   "--env-file", str(tmp_path / f"ds_env{rank}"), "--no-config", "--"] + tiny(out)
             procs.append(cluster.popen(node, cmd, env=dict(os.environ), cwd=REPO, log=logs[rank]))
         codes = [p.wait(timeout=JOB_TIMEOUT) for p in procs]
     finally:
@@ -216,8 +242,8 @@ def test_zero3_per_node_launch_matches_one_host(cluster, one_host_losses, tmp_pa
         print(open(log).read()[-3000:])
     assert codes == [0, 0]
     two = read_losses(out)
-    print("two hosts (no_ssh):", two, "\none host:", one_host_losses)
-    assert_same_losses(two, one_host_losses)
+    print("two hosts (no_ssh):", two, "\none host:", one_host_tiny)
+    assert_same_losses(two, one_host_tiny)
     world = json.load(open(os.path.join(out, "world.json")))
     assert [r["master"] for r in world["ranks"]] == [f"{HOST_A}:29712"] * 2
     assert [r["ifname"] for r in world["ranks"]] == ["ofa0"] * 2
