@@ -1,0 +1,69 @@
+"""Command line shared by launch/pretrain.py and launch/finetune.py (kept here so the launch scripts stay thin).
+
+    deepspeed [--num_gpus N] launch/pretrain.py [--recipe NAME] [--ds-config PATH] [--out DIR] [--steps N]
+        [--init CKPT] [--resume] [--set section.field=value ...]
+
+The last line rank 0 prints is one JSON object: the final held-out metrics and run facts. Bad input (unknown recipe,
+unknown --set field, a ds_config that disagrees with the run) exits with status 2 and a one-line error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ofa_ds.config import RunConfig
+
+
+def parse(argv: list[str] | None, default_recipe: str, description: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--recipe", default=default_recipe, help="a name from ofa_ds.recipes.RECIPES")
+    p.add_argument("--ds-config", dest="ds_config", help="DeepSpeed JSON (engine choices; 'auto' fields filled)")
+    p.add_argument("--out", help="run folder (config.json, metrics.jsonl, tb/, checkpoints/, final/)")
+    p.add_argument("--steps", type=int, help="optimizer steps (train.max_steps)")
+    p.add_argument("--init", help="initial weights: official .pt, exported folder, or one of our run folders")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. train.lr=1e-5 (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved RunConfig and exit")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)   # appended by the deepspeed launcher
+    return p.parse_args(argv)
+
+
+def build_run(a: argparse.Namespace) -> RunConfig:
+    from ofa_ds.recipes import get_recipe
+    run = get_recipe(a.recipe)
+    sets = list(a.sets)
+    if a.steps is not None:
+        sets += [f"train.max_steps={a.steps}", "train.epochs=0"]
+    if a.init:
+        sets.append(f"train.init={json.dumps(a.init)}")
+    if a.out:
+        sets.append(f"out_dir={json.dumps(a.out)}")
+    if a.ds_config:
+        sets.append(f"ds_config={json.dumps(a.ds_config)}")
+    return run.override(sets) if sets else run
+
+
+def main(argv: list[str] | None = None, default_recipe: str = "default", description: str = "") -> int:
+    a = parse(argv, default_recipe, description)
+    try:
+        run = build_run(a)
+    except (KeyError, ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.print_config:
+        print(run.to_json())
+        return 0
+    from ofa_ds.training.engine import ConfigMismatch
+    from ofa_ds.training.trainer import Trainer
+    try:
+        report = Trainer(run, resume=a.resume).run()
+    except (ConfigMismatch, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        sys.stderr.flush()
+        print(json.dumps(report, sort_keys=True), flush=True)
+    return 0

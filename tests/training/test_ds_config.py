@@ -1,0 +1,91 @@
+"""ds_configs/*.json: every file fills from a RunConfig and passes DeepSpeed's own parser; disagreements raise."""
+import glob
+import json
+import os
+
+import pytest
+
+from ofa_ds.config import RunConfig, TrainConfig
+from ofa_ds.training.engine import ConfigMismatch, build_ds_config, polynomial_lambda, validate_ds_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "ds_configs", "*.json")))
+
+
+def run_cfg(**train) -> RunConfig:
+    r = RunConfig(train=TrainConfig(**train))
+    r.data.batch_size = 4
+    return r
+
+
+def test_configs_exist():
+    names = {os.path.basename(p)[:-5] for p in CONFIGS}
+    for stage in (1, 2, 3):
+        for prec in ("bf16", "fp16"):
+            assert f"zero{stage}_{prec}" in names
+    for prec in ("bf16", "fp16"):
+        assert f"zero3_offload_{prec}" in names and f"zero3_nvme_{prec}" in names
+    assert "cpu_fp32" in names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
+@pytest.mark.parametrize("world", [1, 8])
+def test_fills_and_validates(path, world):
+    run = run_cfg(grad_accum=2, lr=3e-5, clip_norm=1.0)
+    cfg = build_ds_config(path, run, world)
+    assert "auto" not in json.dumps(cfg)
+    assert cfg["train_batch_size"] == 4 * 2 * world
+    assert cfg["optimizer"]["params"]["lr"] == 3e-5
+    assert cfg["gradient_clipping"] == 1.0
+    with open(path) as f:
+        raw = json.load(f)
+    if raw.get("bf16", {}).get("enabled") is True:
+        assert cfg["bf16"]["enabled"] is True
+    validate_ds_config(cfg)
+
+
+def test_disagreement_names_both_values():
+    run = run_cfg(lr=1e-4)
+    ds = {"train_micro_batch_size_per_gpu": 16, "optimizer": {"type": "AdamW", "params": {"lr": 5e-5}}}
+    with pytest.raises(ConfigMismatch) as e:
+        build_ds_config(ds, run, 1)
+    msg = str(e.value)
+    assert "16" in msg and "4" in msg and "train_micro_batch_size_per_gpu" in msg
+    assert "5e-05" in msg and "0.0001" in msg
+
+
+def test_batch_arithmetic_checked():
+    run = run_cfg(grad_accum=1)
+    with pytest.raises(ConfigMismatch, match="train_batch_size"):
+        build_ds_config({"train_batch_size": 12}, run, 2)
+    assert build_ds_config({"train_batch_size": 8}, run, 2)["train_batch_size"] == 8
+
+
+def test_precision_conflict_and_auto():
+    ds = {"bf16": {"enabled": True}}
+    assert build_ds_config(ds, run_cfg(), 1)["bf16"]["enabled"] is True          # precision "auto" follows JSON
+    with pytest.raises(ConfigMismatch, match="bf16.*fp16|fp16.*bf16"):
+        build_ds_config(ds, run_cfg(precision="fp16"), 1)
+    cfg = build_ds_config({"fp16": {"enabled": "auto"}}, run_cfg(precision="fp16"), 1)
+    assert cfg["fp16"]["enabled"] is True
+
+
+def test_unfillable_auto_is_an_error():
+    with pytest.raises(ConfigMismatch, match="nothing to fill"):
+        build_ds_config({"zero_optimization": {"stage": 2, "sub_group_size": "auto"}}, run_cfg(), 1)
+
+
+def test_scheduler_block_only_when_it_matches():
+    ds = {"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": "auto", "total_num_steps": "auto",
+                                                             "warmup_max_lr": "auto", "warmup_min_lr": "auto"}}}
+    cfg = build_ds_config(ds, run_cfg(max_steps=100, warmup_steps=10), 1)
+    assert cfg["scheduler"]["params"]["total_num_steps"] == 100
+    with pytest.raises(ConfigMismatch, match="schedule"):
+        build_ds_config(ds, run_cfg(end_lr=1e-6), 1)
+
+
+def test_polynomial_schedule():
+    f = polynomial_lambda(max_steps=110, warmup=10, lr=1e-3, end_lr=1e-4, power=1.0)
+    assert f(0) == 0 and f(5) == 0.5 and f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx((0.9e-3 * 0.5 + 1e-4) / 1e-3)
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
