@@ -202,6 +202,38 @@ def _step_lprobs(model, tokens: Tensor, step: int, enc, cache: dict, cfg: Genera
     return lprobs
 
 
+def _all_ranks(flag: bool, sync: bool, dev, op: str = "min") -> bool:
+    """With `sync` and an initialised process group: the flag reduced over ranks (min = all, max = any)."""
+    if not sync:
+        return flag
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _select_cache(cache: dict, order: Tensor) -> dict:
+    out: dict = {"length": cache.get("length", 0)}
+    for key, layer in cache.items():
+        if key != "length":
+            out[key] = {kind: {n: t.index_select(0, order) for n, t in kv.items()} for kind, kv in layer.items()}
+    return out
+
+
+def _idle_until_all_done(model, tokens: Tensor, length: int, enc, cache: dict, code_masks, dev) -> None:
+    """ZeRO-3 lockstep: this rank is done; keep making one-row decoder calls shaped like a normal step (cached
+    cross-attention, one new position) until every rank reports done, so parameter gathers stay matched."""
+    d_tokens = tokens[:1, :length]
+    d_enc = enc.index_select(torch.zeros(1, dtype=torch.long, device=dev))
+    d_cache = _select_cache(cache, torch.zeros(1, dtype=torch.long, device=dev))
+    d_code = None if code_masks is None else code_masks[:1]
+    while not _all_ranks(True, True, dev):
+        d_tokens = torch.cat([d_tokens, d_tokens.new_full((1, 1), BOS)], 1)
+        model.decode(d_tokens, d_enc, d_code, d_cache)
+
+
 def _encode(model, batch: dict):
     return model.encode(batch["src_tokens"], batch.get("patch_images"), batch.get("patch_masks"))
 
@@ -223,16 +255,20 @@ def _pad_prefix(prefix_tokens: Any, device) -> Optional[Tensor]:
 @torch.no_grad()
 def generate(model, batch: dict, cfg: GenerationConfig | None = None, prefix_tokens: Any = None,
              trie: Optional[Trie] = None, enc=None, code_masks: Optional[Tensor] = None,
-             bin_offset: Optional[int] = None) -> list[list[dict]]:
+             bin_offset: Optional[int] = None, sync: bool = False) -> list[list[dict]]:
     """Beam search (or sampling when cfg.sampling) for every sample of `batch` (needs src_tokens; patch_images and
     patch_masks when the task has images). Returns, per sample, hypotheses sorted best first, each a dict with
     `tokens` (LongTensor, no bos, ends with eos; a forced prefix included), `score` and `positional_scores`.
+
+    `sync=True` (ZeRO-3: parameters are gathered collectively at every module call): every rank makes the same
+    number of decoder calls; a rank that finishes early makes dummy one-row calls until all ranks are done.
 
     `prefix_tokens`: [B, P] (pad-padded) or a list of token lists, forced at the first steps (VQA beam eval).
     `enc`: a precomputed EncoderOut for the batch (skips the encoder)."""
     cfg = cfg or GenerationConfig()
     if cfg.sampling:
-        return sample(model, batch, cfg, trie=trie, enc=enc, code_masks=code_masks, bin_offset=bin_offset)
+        return sample(model, batch, cfg, trie=trie, enc=enc, code_masks=code_masks, bin_offset=bin_offset,
+                      sync=sync)
     if enc is None:
         enc = _encode(model, batch)
     src = batch["src_tokens"]
@@ -255,6 +291,7 @@ def generate(model, batch: dict, cfg: GenerationConfig | None = None, prefix_tok
     reorder, reduced = None, False
     bsz = B
     for step in range(max_len + 1):
+        _all_ranks(False, sync, dev)             # lockstep: "not done yet" (pairs with idle ranks' "done")
         if reorder is not None:
             _reorder(cache, reorder, cross=reduced)
             if reduced:
@@ -316,6 +353,8 @@ def generate(model, batch: dict, cfg: GenerationConfig | None = None, prefix_tok
                 finished[s] = True
                 newly.append(i)
         if all(finished[s] for s in orig):
+            if sync:
+                _idle_until_all_done(model, tokens, step + 1, enc, cache, code_masks, dev)
             break
         keep = [i for i in range(bsz) if not finished[orig[i]]]
         keep_t = torch.tensor(keep, dtype=torch.long, device=dev)
@@ -348,7 +387,7 @@ def generate(model, batch: dict, cfg: GenerationConfig | None = None, prefix_tok
 @torch.no_grad()
 def sample(model, batch: dict, cfg: GenerationConfig, trie: Optional[Trie] = None, enc=None,
            code_masks: Optional[Tensor] = None, bin_offset: Optional[int] = None,
-           generator: Optional[torch.Generator] = None) -> list[list[dict]]:
+           generator: Optional[torch.Generator] = None, sync: bool = False) -> list[list[dict]]:
     """`cfg.beam` independent samples per input (top-k when cfg.sampling_topk > 0, full softmax otherwise); with
     cfg.sampling False this is greedy decoding of one sequence per input. Same hypothesis dicts as `generate`,
     score = sum of log-probs (of the masked, temperature-scaled distribution)."""
@@ -369,7 +408,9 @@ def sample(model, batch: dict, cfg: GenerationConfig, trie: Optional[Trie] = Non
     done = torch.zeros(R, dtype=torch.bool, device=dev)
     lengths = torch.zeros(R, dtype=torch.long, device=dev)
     cache: dict = {}
+    step = 0
     for step in range(max_len + 1):
+        _all_ranks(False, sync, dev)
         lprobs = _step_lprobs(model, tokens, step, enc, cache, cfg, trie, None, bin_offset, code_masks)
         if step >= max_len:
             eos_col = lprobs[:, EOS].clone()
@@ -398,6 +439,8 @@ def sample(model, batch: dict, cfg: GenerationConfig, trie: Optional[Trie] = Non
         done |= tok.eq(EOS)
         if bool(done.all()):
             break
+    if sync:
+        _idle_until_all_done(model, tokens, step + 1, enc, cache, code_masks, dev)
     out: list[list[dict]] = []
     for b in range(B):
         hyps = []
