@@ -28,8 +28,12 @@ Does not support
     ([B, H, Lq, Lk], as large as a materialised bias) and then summed by torch.
 
 Known caveats
-  * Only the CPU interpreter (TRITON_INTERPRET=1) has run these kernels at the time of writing; tile sizes for
-    GPUs come from an autotuner over a short config list. See docs/kernels.md for the open GPU targets.
+  * [2026-11-27] Only the CPU interpreter (TRITON_INTERPRET=1) has run these kernels; they compile for sm_80 and
+    sm_90 within shared memory (tests/kernels/aot_compile_check.py) but have not run on a GPU. Tile sizes on GPUs
+    come from an autotuner over three configs per kernel (OFA_DS_KERNEL_AUTOTUNE=0: fixed tiles). See
+    docs/kernels.md for the open GPU targets.
+  * Under the interpreter, bf16 tiles are multiplied in fp32 and rounded by hand (kernels/_utils.py): Triton
+    3.9's interpreter gets bf16 dots and conversions wrong. GPUs use the native bf16 MMA.
 
 Backward math (per row i, natural log units; s = scale·q kᵀ + bias, masked entries s = -inf)
     P   = softmax(s)                         recomputed from the saved row statistic lse_i = log Σ_j exp(s_ij)
@@ -51,8 +55,6 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._utils import device_guard, dot_precision, interpreting, next_pow2, to_dtype
-
-LOG2E = 1.4426950408889634
 
 
 @triton.jit

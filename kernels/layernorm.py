@@ -12,6 +12,11 @@ Supports
   * a deterministic backward: each program accumulates the dweight/dbias partial sums of its rows in fp32
     registers and writes them to its own row of a [programs, N] buffer, which torch then sums. No atomics, no locks.
 
+Known caveats
+  * [2026-11-27] Only the CPU interpreter has run these kernels; they compile for sm_80/sm_90
+    (tests/kernels/aot_compile_check.py) but have not run on a GPU. Launch settings (one row per forward program,
+    warps = BLOCK_N / 256, 4 backward programs per SM) follow the Triton tutorial and are not tuned on hardware.
+
 Does not support
   * normalising over more than the last dim; RMSNorm; dropout or row scaling before the add;
   * N > 16384 (the row no longer fits the registers of one program).
