@@ -60,12 +60,12 @@ def assert_same_losses(two: list[float], one: list[float]) -> None:
         assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7), f"two hosts {two} vs one host {one}"
 
 
-def one_host(job, out: str, port: int) -> list[float]:
-    """The reference: the same job on this machine alone, two ranks, plain `deepspeed --num_gpus 2`."""
+def one_host(cluster, job, out: str, port: int) -> list[float]:
+    """The reference: the same job on host a alone, two ranks, plain `deepspeed --num_gpus 2` (no hostfile)."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port)] + job(out)
     if job is pretrain:
         cmd += ["--ds-config", "ds_configs/zero3_fp32.json"]
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    p = cluster.run("a", cmd, env=dict(os.environ), cwd=REPO, timeout=JOB_TIMEOUT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return read_losses(out)
 
@@ -79,13 +79,13 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_host_pretrain(tmp_path_factory):
-    return one_host(pretrain, str(tmp_path_factory.mktemp("one_host_pretrain")), 29731)
+def one_host_pretrain(cluster, tmp_path_factory):
+    return one_host(cluster, pretrain, str(tmp_path_factory.mktemp("one_host_pretrain")), 29731)
 
 
 @pytest.fixture(scope="module")
-def one_host_tiny(tmp_path_factory):
-    return one_host(tiny, str(tmp_path_factory.mktemp("one_host_tiny")), 29732)
+def one_host_tiny(cluster, tmp_path_factory):
+    return one_host(cluster, tiny, str(tmp_path_factory.mktemp("one_host_tiny")), 29732)
 
 
 def doctor(cluster, hostfile, *args, env=None):
