@@ -43,7 +43,7 @@ class Options:
     master_port: int = 29500
     data: list[str] = field(default_factory=list)
     launcher: str = "pdsh"  # pdsh | openmpi | no_ssh (no_ssh: the doctor itself still needs ssh or srun)
-    via: str = "ssh"  # ssh | srun
+    via: str = "ssh"  # ssh | srun | local (a one-host hostfile: DeepSpeed starts it locally, without ssh)
     ssh_port: int | None = None
     ssh_args: str | None = None  # default: $PDSH_SSH_ARGS_APPEND, as pdsh uses it
     env_file: str | None = None  # default: $DS_ENV_FILE, ./.deepspeed_env, ~/.deepspeed_env (DeepSpeed's order)
@@ -99,6 +99,8 @@ def node_command(opts: Options, host: str, probe_args: list[str]) -> list[str]:
     exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in node_exports(opts).items())
     shell = (f"cd {shlex.quote(opts.cwd)} 2>/dev/null || {{ echo OFA_DOCTOR_NOCWD; exit 3; }}; {exports}"
              f"exec {shlex.quote(opts.python)} -c {shlex.quote(code)} " + " ".join(map(shlex.quote, probe_args)))
+    if opts.via == "local":
+        return ["bash", "-c", shell]
     if opts.via == "srun":
         return ["srun", "--overlap", "--nodes=1", "--ntasks=1", "-w", host, "bash", "-c", shell]
     ssh = ["ssh", "-o", "BatchMode=yes", "-o", "PasswordAuthentication=no", "-o", f"ConnectTimeout={int(opts.timeout)}"]
@@ -213,6 +215,9 @@ def check(opts: Options) -> Report:
     if opts.launcher == "openmpi" and not (shutil.which("mpirun") and shutil.which("ompi_info")):
         rep.problems.append("OpenMPI (mpirun, ompi_info) is not installed on this node: apt-get install openmpi-bin")
 
+    if len(hosts) == 1 and opts.via == "ssh" and opts.launcher == "pdsh":
+        opts.via = "local"
+        rep.notes.append(f"one host: DeepSpeed starts its ranks here without ssh (run this on {hosts[0]})")
     master_host = hosts[0]
     master_addr = opts.master_addr or master_host
     listener = MasterListener(opts, master_host)

@@ -90,3 +90,32 @@ def test_nccl_interface_names(tmp_path):
                    "a", True)
     assert rep.problems == ["b: NCCL_SOCKET_IFNAME=ib matches no interface there (it has lo, eth0; the master is "
                             "reached through eth0)"]
+
+
+def test_doctor_end_to_end_on_a_one_host_hostfile(tmp_path):
+    """A one-host hostfile needs no ssh (DeepSpeed starts it locally): the doctor probes this machine for real."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    hf = tmp_path / "hostfile"
+    hf.write_text("# this machine\nlocalhost slots=2\n")
+    with socket.socket() as s:  # a free port for the master check
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "launch/doctor.py", "--hostfile", str(hf), "--master-port", str(port),
+           "--data", os.path.join(repo, "setup.py"), "--json", str(tmp_path / "doctor.json")]
+    p = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "doctor: OK" in p.stdout and "via local" in p.stdout
+    answers = json.load(open(tmp_path / "doctor.json"))["nodes"]["localhost"]
+    import deepspeed
+    import torch
+    assert answers["deepspeed"] == deepspeed.__version__ and answers["torch"] == torch.__version__
+    assert answers["connect"] == "ok" and answers["ofa_ds"]["path"] == os.path.join(repo, "ofa_ds")
+    p = subprocess.run(cmd[:-2] + ["--data", str(tmp_path / "missing.tsv")], cwd=repo, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 1
+    assert f"localhost: data path {tmp_path / 'missing.tsv'} is not readable there (No such file or directory)" \
+        in p.stdout
