@@ -127,8 +127,10 @@ fi
 
 # 2. interface + env file
 if [[ -z "$IFNAME" ]]; then
-  IFNAME="$("$PYTHON" -m ofa_ds.launch_utils ifname "$MASTER" 2>/dev/null || true)"
-  [[ "$IFNAME" == lo && "$NUM_NODES" -gt 1 ]] && IFNAME=""  # loopback cannot carry traffic between nodes
+  # the interface towards the master, or (when the master is this node and its name resolves to 127.0.1.1)
+  # towards the other hosts; loopback never carries traffic between nodes
+  # shellcheck disable=SC2046
+  IFNAME="$("$PYTHON" -m ofa_ds.launch_utils ifname "$MASTER" $(cut -d' ' -f1 <<<"$HOSTS") 2>/dev/null || true)"
 fi
 if [[ -z "$ENV_FILE" ]]; then
   mkdir -p "$REPO/runs/multinode"

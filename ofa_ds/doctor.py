@@ -88,7 +88,7 @@ def node_exports(opts: Options) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k.startswith("PYTHON") and k != "PYTHONPATH"}
     env["PYTHONPATH"] = ":".join(p for p in [opts.cwd, os.environ.get("PYTHONPATH", "")] if p)
     path = ds_env_file(opts)
-    if path:
+    if path and os.path.isfile(path):
         env.update(read_ds_env(path))
     return env
 
@@ -206,6 +206,8 @@ def check(opts: Options) -> Report:
     hosts = hf.hosts
     if not hosts:
         return rep
+    if opts.env_file and not os.path.isfile(opts.env_file):
+        rep.problems.append(f"env file {opts.env_file} does not exist (launch/multinode.sh writes one)")
     if len(hosts) > 1 and any(h == "localhost" or h.startswith("127.") for h in hosts):
         rep.problems.append("hostfile: 'localhost' in a multi-node hostfile means a different machine on each node; "
                             "use the real hostname or IP")
@@ -334,6 +336,12 @@ def _check_network(opts: Options, rep: Report, probes: dict, master_addr: str, l
                 has = ", ".join(info["interfaces"])
                 via = f"; the master is reached through {route}" if route else ""
                 rep.problems.append(f"{h}: {var}={spec} matches no interface there (it has {has}{via})")
+    ifname_set = any(env.get(v) or os.environ.get(v) for v in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"))
+    loop = [h for h, i in probes.items() if (i.get("master_ip") or "").startswith("127.")]
+    if len(probes) > 1 and loop and not ifname_set:
+        rep.problems.append(f"{master_addr} resolves to a loopback address on {', '.join(loop)} (the 127.0.1.1 line "
+                            "Debian/Ubuntu put in /etc/hosts): ranks there would advertise an address other nodes "
+                            "cannot reach; set the interface (launch/multinode.sh --ifname IF) or use an IP")
     routes = {h: i.get("route_ifname") for h, i in probes.items() if i.get("route_ifname")}
     if routes and not (env.get("NCCL_SOCKET_IFNAME") or os.environ.get("NCCL_SOCKET_IFNAME")):
         names = sorted(set(routes.values()) - {"lo"})

@@ -160,7 +160,12 @@ def probe(args: argparse.Namespace) -> dict:
     except OSError:
         info["interfaces"] = []
     if args.connect:
-        info["route_ifname"] = route_interface(args.connect.rpartition(":")[0])
+        master = args.connect.rpartition(":")[0]
+        info["route_ifname"] = route_interface(master)
+        try:
+            info["master_ip"] = socket.gethostbyname(master)
+        except OSError:
+            info["master_ip"] = None
         info["connect"] = _connect(args.connect, args.timeout)
     info["data"] = {p: _check_path(p) for p in args.data}
     return info

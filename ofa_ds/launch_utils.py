@@ -18,7 +18,7 @@ Command line, used by the shell launchers:
     python -m ofa_ds.launch_utils hosts HOSTFILE            # "host slots" lines, or the problems and exit 2
     python -m ofa_ds.launch_utils precision                 # bf16 | fp16 | fp32 for this node
     python -m ofa_ds.launch_utils pick-config --zero 3 [--precision auto] [--offload offload|nvme]
-    python -m ofa_ds.launch_utils ifname MASTER_ADDR        # interface that routes to MASTER_ADDR
+    python -m ofa_ds.launch_utils ifname ADDR [ADDR ...]    # interface that routes to the first non-loopback ADDR
     python -m ofa_ds.launch_utils env-file OUT [--ifname IF] [--set K=V ...]
 """
 from __future__ import annotations
@@ -246,8 +246,8 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--offload", default=None, choices=["offload", "nvme"])
     p.add_argument("--dir", default="ds_configs")
-    p = sub.add_parser("ifname", help="interface that routes to an address")
-    p.add_argument("addr")
+    p = sub.add_parser("ifname", help="interface that routes to the first of the addresses not on loopback")
+    p.add_argument("addr", nargs="+")
     p = sub.add_parser("env-file", help="write the .deepspeed_env for every node")
     p.add_argument("out")
     p.add_argument("--ifname")
@@ -271,11 +271,12 @@ def _main(argv: list[str] | None = None) -> int:
             print(e, file=sys.stderr)
             return 2
     elif a.cmd == "ifname":
-        name = route_interface(a.addr)
-        if not name:
-            print(f"no route to {a.addr}", file=sys.stderr)
+        names = [route_interface(addr) for addr in a.addr]
+        usable = [n for n in names if n and n != "lo"]
+        if not usable:
+            print(f"no interface other than loopback reaches {' '.join(a.addr)}", file=sys.stderr)
             return 2
-        print(name)
+        print(usable[0])
     elif a.cmd == "env-file":
         extra = {}
         for kv in a.set:

@@ -119,3 +119,18 @@ def test_doctor_end_to_end_on_a_one_host_hostfile(tmp_path):
     assert p.returncode == 1
     assert f"localhost: data path {tmp_path / 'missing.tsv'} is not readable there (No such file or directory)" \
         in p.stdout
+
+
+def test_master_name_on_loopback_is_a_problem_without_an_interface(tmp_path, monkeypatch):
+    monkeypatch.delenv("NCCL_SOCKET_IFNAME", raising=False)
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    a, b = node(), node()
+    a["master_ip"], b["master_ip"] = "127.0.1.1", "10.0.0.1"
+    rep = report({"a": 1, "b": 1})
+    _check_network(Options("hf", env_file=str(tmp_path / "none")), rep, {"a": a, "b": b}, "a", True)
+    assert len(rep.problems) == 1 and rep.problems[0].startswith("a resolves to a loopback address on a (")
+    env = tmp_path / "env"
+    env.write_text("GLOO_SOCKET_IFNAME=eth0\n")
+    rep = report({"a": 1, "b": 1})
+    _check_network(Options("hf", env_file=str(env)), rep, {"a": a, "b": b}, "a", True)
+    assert rep.problems == []
