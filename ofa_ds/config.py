@@ -213,6 +213,8 @@ class TrainConfig:
     """After training, consolidate to <out>/final/ (config.json + model.safetensors, loadable by from_pretrained)."""
     progress: bool = True
     """Progress bar with ETA on rank 0 (stderr)."""
+    record_ids: bool = False
+    """Append the sample ids of every step to <out>/ids_rank<r>.jsonl (resume checks, data debugging)."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)

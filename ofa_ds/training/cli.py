@@ -64,6 +64,49 @@ def main(argv: list[str] | None = None, default_recipe: str = "default", descrip
         print(f"error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
-        sys.stderr.flush()
-        print(json.dumps(report, sort_keys=True), flush=True)
+        emit_last_line(json.dumps(report, sort_keys=True))
     return 0
+
+
+def _under_ds_launcher() -> int | None:
+    """PID of the deepspeed launcher process that started us, if that is our parent."""
+    ppid = os.getppid()
+    try:
+        with open(f"/proc/{ppid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+    return ppid if "deepspeed.launcher.launch" in cmd else None
+
+
+def emit_last_line(line: str) -> None:
+    """Print the final report so that it is the last line of the job's output. The deepspeed launcher logs
+    "Process N exits successfully." on stdout after its children exit, so under the launcher a detached helper
+    holding our stdout waits for the launcher process to finish and prints the line then (a reader of the job's
+    output pipe sees it last). Elsewhere, or if forking fails, the line is printed at once."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    launcher = _under_ds_launcher()
+    if launcher is None or not hasattr(os, "fork"):
+        print(line, flush=True)
+        return
+    try:
+        pid = os.fork()
+    except OSError:
+        print(line, flush=True)
+        return
+    if pid:
+        return
+    try:                                     # detached helper: outlive the launcher, then print and leave
+        import time
+        os.setsid()
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                os.kill(launcher, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.02)
+        os.write(1, (line + "\n").encode())
+    finally:
+        os._exit(0)

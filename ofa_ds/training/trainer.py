@@ -93,6 +93,7 @@ class Trainer:
             with open(os.path.join(self.out, "ds_config.json"), "w") as f:
                 json.dump(self.ds_cfg, f, indent=2, sort_keys=True)
         self.engine = E.initialize(model, run, self.ds_cfg)
+        self.zero = E.zero_stage(self.ds_cfg)
         self.model_cfg = run.model
         self.step = 0
         self.skipped = 0
@@ -199,7 +200,8 @@ class Trainer:
         n_parts = [int(x) for x in _all_reduce([i[1] for i in info], dist.ReduceOp.MAX)]
         loss_sum = nll_sum = 0.0
         bad = 0
-        for b, n in zip(micro, n_parts):
+        self._grad_norm = None
+        for k, (b, n) in enumerate(zip(micro, n_parts)):
             b = EV.to_device(b, self.device, self.dtype)
             out, logits = self._forward(b, n)
             finite, = _all_reduce([float(torch.isfinite(out.loss).item())], dist.ReduceOp.MIN)
@@ -213,8 +215,16 @@ class Trainer:
             extra = logits[len(b) if isinstance(b, tuple) else 1:]
             zero = sum((0.0 * x.float().sum() for x in (logits if not finite else extra)), out.loss.new_zeros(()))
             self.engine.backward(loss + zero)
+            if k == gas - 1 and self.zero == 0:        # DeepSpeed reports no norm without ZeRO: measure it
+                sq = [p.grad.detach().float().pow(2).sum() for p in self.engine.module.parameters()
+                      if p.grad is not None]
+                self._grad_norm = float(torch.stack(sq).sum().sqrt()) if sq else 0.0
             self.engine.step()
         self.skipped += int(bad > 0)
+        if self.run_cfg.train.record_ids:
+            ids = [int(i) for b in micro for p in (b if isinstance(b, tuple) else (b,)) for i in p["id"].tolist()]
+            with open(os.path.join(self.out, f"ids_rank{self.rank}.jsonl"), "a") as f:
+                f.write(json.dumps({"step": self.step + 1, "ids": ids}) + "\n")
         loss_sum, nll_sum = _all_reduce([loss_sum, nll_sum])
         return {"loss": loss_sum / max(total_size, 1e-9), "nll_loss": nll_sum / max(total_size, 1e-9),
                 "samples": sum(i[2] for i in info), "tokens": sum(i[3] for i in info),
@@ -311,7 +321,8 @@ class Trainer:
         tflops = flops / self.world / secs / 1e12
         self._last_loss = acc["loss"] / n
         log.log_step({
-            "step": self.step, "loss": acc["loss"] / n, "lr": lr, "grad_norm": E.grad_norm(self.engine),
+            "step": self.step, "loss": acc["loss"] / n, "lr": lr,
+            "grad_norm": self._grad_norm if self.zero == 0 else E.grad_norm(self.engine),
             "loss_scale": E.loss_scale(self.engine), "samples_per_s": samples / secs, "tokens_per_s": tokens / secs,
             "tflops_per_gpu": tflops, "mfu": (tflops / self.peak) if self.peak else None,
             "peak_mem_gib": peak_mem_gib(), "step_ms": 1000 * secs / n,
