@@ -405,7 +405,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, kpm: Te
 def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bias: Tensor | None,
                    kpm: Tensor | None, causal: bool, scale: float, bias_grad_dtype: torch.dtype | None
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Launch the two backward kernels. Returns dq, dk, dv and the full [B, H, Lq, Lk] dbias (or None)."""
+    """Launch δ, then dK/dV (+ dS as dbias), then dQ. Returns dq, dk, dv and the [B, H, Lq, Lk] dbias or None."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     if do.stride(-1) != 1:
