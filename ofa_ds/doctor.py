@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shlex
 import shutil
 import subprocess
@@ -154,7 +155,9 @@ class MasterListener:
         cmd = node_command(opts, host, ["--listen", str(opts.master_port), "--listen-timeout", str(opts.timeout * 6)])
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
-        line = self.proc.stdout.readline()  # the first line: listening, bind error, or nothing (ssh failed)
+        # the first line: listening, bind error, or nothing (ssh failed); never wait longer than ssh could take
+        ready, _, _ = select.select([self.proc.stdout], [], [], opts.timeout * 3 + 10)
+        line = self.proc.stdout.readline() if ready else ""
         if line.startswith("OFA_DOCTOR_BIND_ERROR"):
             why = line.split(" ", 1)[1].strip()
             self.error = (f"master port {opts.master_port} cannot be opened on {host} ({why}): another job or a "
