@@ -37,7 +37,8 @@
 #   --offload, --nvme    pick the CPU-offload / NVMe-offload variant of the config
 #   --ds-config FILE     use this config (no pick)
 #   --no-config          do not add --ds-config to SCRIPT ARGS (for scripts that build their own)
-#   --env-file FILE      where to write the exported environment (default runs/multinode/<time>.deepspeed_env)
+#   --env-file FILE      where to write the exported environment
+#                        (default runs/multinode/<time>-<host>-<pid>.deepspeed_env)
 #   --set KEY=VALUE      one more variable for every node (repeat)
 #   --ssh-port P         ssh port for pdsh/doctor (extra ssh options: PDSH_SSH_ARGS_APPEND, as pdsh uses it)
 #   --data PATH          also let the doctor check PATH is readable on every node (repeat)
@@ -134,7 +135,7 @@ if [[ -z "$IFNAME" ]]; then
 fi
 if [[ -z "$ENV_FILE" ]]; then
   mkdir -p "$REPO/runs/multinode"
-  ENV_FILE="$REPO/runs/multinode/$(date +%Y%m%d-%H%M%S)-$$.deepspeed_env"
+  ENV_FILE="$REPO/runs/multinode/$(date +%Y%m%d-%H%M%S)-$(hostname -s 2>/dev/null || echo node)-$$.deepspeed_env"
 fi
 (( NO_IB )) && EXTRA_SET+=("--set" "NCCL_IB_DISABLE=1")
 [[ "$LAUNCHER" == openmpi ]] && EXTRA_SET+=("--set" "MASTER_ADDR=$MASTER" "--set" "MASTER_PORT=$MASTER_PORT_ARG")
