@@ -54,8 +54,14 @@ def load_model(path: str, ema: bool = False, preset_name: str | None = None):
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model.safetensors")):
         return load_folder(path)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "latest")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        state = get_fp32_state_dict_from_zero_checkpoint(path)
+        with open(os.path.join(path, "latest")) as f:
+            tag_dir = os.path.join(path, f.read().strip())
+        ds_file = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+        if not any("optim_states" in n for n in os.listdir(tag_dir)) and os.path.isfile(ds_file):
+            state = torch.load(ds_file, map_location="cpu", weights_only=True)["module"]    # ZeRO stage 0
+        else:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            state = get_fp32_state_dict_from_zero_checkpoint(path)
         model = OFAModel(_config_near(path, preset_name))
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
