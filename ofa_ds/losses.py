@@ -13,6 +13,9 @@ What is unusual (and easy to get wrong):
   * A pretraining pair (v1, v2) is `loss_v1/n_v1 + loss_v2/n_v2` with sample size 1 (`pair_loss`).
   * Everything is summed, never averaged: the trainer divides by the global sample size, as fairseq does.
 
+`logits` may be [B,T,V] or *packed* [N,V]: the rows of the N non-pad targets in row-major order (what
+`ofa_ds.training.model.TrainingOFA` returns), which skips the output projection of padded positions.
+
 Compact constraint masks (`constraint_rows` Bool[R,V] + `constraint_index` Long[B,T], from the collater's
 `constraint_masks="compact"` mode) are accepted wherever a dense Bool[B,T,V] mask is.
 """
@@ -42,10 +45,16 @@ def _kept_rows(logits: Tensor, target: Tensor, conf: Tensor | None, constraint_m
                constraint_rows: Tensor | None, constraint_index: Tensor | None,
                ignore_index: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Flatten to the rows whose target is not `ignore_index`: logits [N,V], target [N], conf [N], mask [N,V]."""
-    if logits.shape[:2] != target.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree on [B, T]")
     keep = target.ne(ignore_index)
-    lg, tg = logits[keep], target[keep]
+    if logits.dim() == 2:                                   # packed: logits of the kept rows only, in order
+        if logits.shape[0] != int(keep.sum()):
+            raise ValueError(f"packed logits have {logits.shape[0]} rows but target has {int(keep.sum())} real tokens")
+        lg = logits
+    elif logits.shape[:2] != target.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree on [B, T]")
+    else:
+        lg = logits[keep]
+    tg = target[keep]
     cf = None
     if conf is not None:
         cf = conf.to(torch.float32)[:, None].expand_as(target)[keep]

@@ -31,6 +31,7 @@ from ofa_ds.model import OFAModel, train_flops_per_sample
 from ofa_ds.training import engine as E
 from ofa_ds.training import evaluate as EV
 from ofa_ds.training.metrics import MetricsLogger, device_peak_tflops, peak_mem_gib
+from ofa_ds.training.model import TrainingOFA, as_training_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -47,7 +48,7 @@ def build_model(run: RunConfig) -> OFAModel:
     torch.manual_seed(run.train.seed)
     init = run.train.init
     if not init:
-        return OFAModel(run.model)
+        return TrainingOFA(run.model)
     from ofa_ds.checkpoint import load_any
     if os.path.isdir(init) and os.path.isdir(os.path.join(init, "final")):
         init = os.path.join(init, "final")
@@ -56,7 +57,7 @@ def build_model(run: RunConfig) -> OFAModel:
                                               "resnet_drop_path_rate", "kernel_backend", "frozen_bn")}
     model = load_any(init, **keep)
     run.model = model.cfg          # the checkpoint decides the architecture; the resolved config records it
-    return model.train()
+    return as_training_model(model).train()
 
 
 class Trainer:
@@ -171,7 +172,8 @@ class Trainer:
             ni = EV.net_input(b)
             if ni["code_masks"] is None:
                 ni["code_masks"] = torch.zeros(b["src_tokens"].shape[0], dtype=torch.bool, device=self.device)
-            logits = self.engine(**ni, sample_patch_num=spn if (len(parts) == 2 and j == 0) else None)
+            keep = b["target"].ne(1) if j < len(parts) else None       # packed logits of real targets
+            logits = self.engine(**ni, sample_patch_num=spn if (len(parts) == 2 and j == 0) else None, keep=keep)
             logits_all.append(logits)
             if j < len(parts):
                 outs.append(self._loss(logits, b))

@@ -159,3 +159,22 @@ def test_shape_mismatch_is_an_error():
     logits, target = make()
     with pytest.raises(ValueError, match="disagree"):
         label_smoothed_ce(logits[:, :-1], target)
+
+
+def test_packed_logits_equal_full():
+    """TrainingOFA's packed logits (real target rows only) give the loss of the full logits."""
+    from ofa_ds.config import ModelConfig
+    from ofa_ds.training.model import TrainingOFA
+    m = TrainingOFA(ModelConfig(d_model=64, ffn_dim=128, num_heads=2, encoder_layers=1, decoder_layers=1,
+                                resnet_layers=(1, 1, 1))).eval()
+    src, prev = torch.randint(4, 100, (2, 7)), torch.randint(4, 100, (2, 5))
+    tgt = prev.clone()
+    tgt[0, 3:] = PAD
+    img = torch.randn(2, 3, 32, 32)
+    full = m(src, img, None, prev)
+    packed = m(src, img, None, prev, keep=tgt.ne(PAD))
+    assert packed.shape == (int(tgt.ne(PAD).sum()), full.shape[-1])
+    a, b = label_smoothed_ce(full, tgt, eps=0.1), label_smoothed_ce(packed, tgt, eps=0.1)
+    assert torch.allclose(a.loss, b.loss, rtol=1e-5)
+    with pytest.raises(ValueError, match="packed"):
+        label_smoothed_ce(packed[:-1], tgt)
