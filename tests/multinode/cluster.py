@@ -206,10 +206,11 @@ class TwoHostCluster:
         return subprocess.Popen(self.command(node, cmd), env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
 
-    def kill_jobs(self) -> None:
-        """Kill whatever runs in the namespaces except the sshds (ranks left by a failed launch)."""
+    def kill_jobs(self, node: str | None = None) -> None:
+        """Kill whatever runs in the namespaces (or in `node`'s) except the sshds: ranks left by a failed launch,
+        or, for one node, what a node failure does to a running job."""
         keep = {str(p.pid) for p in self.daemons}
-        for ns in self.ns.values():
+        for ns in [self.ns[node]] if node else self.ns.values():
             for pid in _sh("ip", "netns", "pids", ns, check=False).stdout.split():
                 try:
                     comm = open(f"/proc/{pid}/comm").read().strip()

@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -248,3 +249,42 @@ def test_zero3_per_node_launch_matches_one_host(cluster, one_host_tiny, tmp_path
     assert [r["master"] for r in world["ranks"]] == [f"{HOST_A}:29712"] * 2
     assert [r["ifname"] for r in world["ranks"]] == ["ofa0"] * 2
 
+
+
+@pytest.mark.slow
+def test_pretrain_resumes_after_a_node_failure(cluster, one_host_pretrain, tmp_path):
+    """docs/multinode.md's recovery procedure, for real: checkpoint every step, host b's processes die after the
+    step-2 checkpoint (a node failure), the job must stop rather than hang, and the same command with --resume
+    finishes with the losses of the uninterrupted one-host run."""
+    out = str(tmp_path / "run")
+    cmd = ["bash", "launch/multinode.sh", "--hostfile", cluster.hostfile(), "--master-port", "29714",
+           "--env-file", str(tmp_path / "ds_env"), "--zero", "3", "--"] + pretrain(out) + [
+           "--set", "train.save_every=1", "--set", "train.keep_checkpoints=3"]
+    first = cluster.popen("a", cmd, env=cluster.ssh_env(), cwd=REPO, log=str(tmp_path / "first.log"))
+    try:
+        marker = os.path.join(out, "checkpoints", "step00000002", "COMPLETE")
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while not os.path.exists(marker) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert os.path.exists(marker), open(tmp_path / "first.log").read()[-4000:]
+        cluster.kill_jobs("b")  # host b fails
+        rc = first.wait(timeout=120)  # the survivors must notice and stop, not hang
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, 9)
+            first.wait()
+        cluster.kill_jobs()
+    print(open(tmp_path / "first.log").read()[-3000:])
+    assert rc != 0
+    assert not os.path.exists(os.path.join(out, "checkpoints", "step00000003", "COMPLETE"))
+
+    p = cluster.run("a", cmd + ["--resume"], env=cluster.ssh_env(), cwd=REPO, timeout=JOB_TIMEOUT)
+    print(p.stdout[-4000:], p.stderr[-4000:])
+    assert p.returncode == 0
+    assert "resumed from" in p.stdout and "at step 2" in p.stdout
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        last = {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r and "eval" not in r}
+    resumed = [last[s] for s in sorted(last)]
+    print("pretrain, two hosts, failure after step 2 + --resume:", resumed, "\none host:", one_host_pretrain)
+    assert_same_losses(resumed, one_host_pretrain)
+    assert leftover_jobs(cluster) == []
