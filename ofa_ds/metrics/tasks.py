@@ -11,6 +11,9 @@ What is unusual:
     numbers), or beam search with the question forced as prefix and the answer trie. RefCOCO: beam 5 on 4 tokens;
     `restrict_bins` additionally limits those tokens to location bins (off by default, like OFA).
   * Metrics are fractions (COCO scale for CIDEr: 1.382 = "138.2"), except `n` counts.
+  * Under ZeRO-3 pass `sync=True` (generation in lockstep) and give every rank the same batches (equalised
+    shards): all-candidate scoring makes a number of decoder calls that depends only on the batch size and the
+    candidate list, so it needs no extra synchronisation.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ class Evaluator:
         self.tok = tokenizer
         self.gen = task_config(self.defaults, **(gen_overrides or {}))
         self.kw = kw
+        self.sync = bool(kw.get("sync", False))   # ZeRO-3 callers: generation in lockstep across ranks
 
     def predict(self, model, batch: dict) -> list[dict]:
         raise NotImplementedError
@@ -63,7 +67,7 @@ class CaptionEvaluator(Evaluator):
     name, defaults = "caption", "caption"
 
     def predict(self, model, batch):
-        hyps = generate(model, batch, self.gen)
+        hyps = generate(model, batch, self.gen, sync=self.sync)
         out = []
         for i, sid in enumerate(_ids(batch)):
             text = self.tok.decode(hyps[i][0]["tokens"]) if hyps[i] else ""
@@ -97,7 +101,7 @@ class _AllCandidate(Evaluator):
         prompts = self.prompts(batch)
         if self.mode == "beam":
             prefix = [p[1:] for p in prompts]
-            hyps = generate(model, batch, self.gen, prefix_tokens=prefix, trie=self.trie)
+            hyps = generate(model, batch, self.gen, prefix_tokens=prefix, trie=self.trie, sync=self.sync)
             return [self.tok.decode(strip_prefix(h[0], len(p))).strip() if h else "" for h, p in zip(hyps, prefix)]
         enc = model.encode(batch["src_tokens"], batch.get("patch_images"), batch.get("patch_masks"))
         scores = score_candidates(model, enc, prompts, self.cand_tokens, trie=self.trie, chunk_rows=self.chunk_rows)
@@ -155,7 +159,7 @@ class RefcocoEvaluator(Evaluator):
         self.max_image_size = max_image_size
 
     def predict(self, model, batch):
-        hyps = generate(model, batch, self.gen, bin_offset=self.tok.bin_offset)
+        hyps = generate(model, batch, self.gen, bin_offset=self.tok.bin_offset, sync=self.sync)
         boxes = boxes_from_hypos(hyps, self.tok, _as_list(batch["w_resize_ratios"]),
                                  _as_list(batch["h_resize_ratios"]), self.max_image_size)
         gt = torch.as_tensor(batch["region_coords"], dtype=torch.float64).view(-1, 4)
@@ -175,7 +179,7 @@ class GigawordEvaluator(Evaluator):
     name, defaults = "gigaword", "gigaword"
 
     def predict(self, model, batch):
-        hyps = generate(model, batch, self.gen)
+        hyps = generate(model, batch, self.gen, sync=self.sync)
         out = []
         for i, sid in enumerate(_ids(batch)):
             text = self.tok.decode(hyps[i][0]["tokens"]) if hyps[i] else ""
