@@ -112,9 +112,11 @@ class CiderD:
 # ---- document-frequency caches --------------------------------------------------------------------------------------
 class _BuiltinsOnly(pickle.Unpickler):
     _OK = {("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "str", "int", "float", "bool")}
-    _OK |= {("collections", "defaultdict"), ("collections", "OrderedDict")}
+    _OK |= {("collections", "defaultdict"), ("collections", "OrderedDict"), ("numpy", "dtype"),
+            ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
 
     def find_class(self, module, name):
+        module = "builtins" if module == "__builtin__" else module        # Python 2 pickles (OFA's df files)
         if (module, name) in self._OK:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a document-frequency pickle")

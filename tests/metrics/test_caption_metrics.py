@@ -72,6 +72,9 @@ def test_cider_hand_example_and_cached_df(tmp_path):
         pickle.dump({"document_frequency": dd, "ref_len": float(n)}, f)
     d2, n2 = load_df(str(tmp_path / "words.p"))
     assert d1 == d2 == dict(df) and n1 == n2 == n
+    with open(tmp_path / "words2.p", "wb") as f:                       # protocol 2, as Python 2 wrote them
+        pickle.dump({"document_frequency": dd, "ref_len": float(n)}, f, protocol=2, fix_imports=True)
+    assert load_df(str(tmp_path / "words2.p")) == (dict(df), float(n))
     with open(tmp_path / "evil.p", "wb") as f:
         pickle.dump({"document_frequency": datetime.date(2020, 1, 1), "ref_len": 1.0}, f)
     with pytest.raises(pickle.UnpicklingError):
