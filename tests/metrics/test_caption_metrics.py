@@ -106,9 +106,21 @@ def test_python_ptb_tokenizer_matches_recorded_java_output():
         assert " ".join(ptb_tokenize_py(text)) == want, text
 
 
+COCO_STYLE = ["A man riding a wave on top of a surfboard.", "Two giraffes standing next to each other in a field.",
+              "A woman's hand holding a cell phone.", "A plate of food with broccoli, carrots and rice.",
+              "The cat is sleeping on the couch!", "A red double-decker bus driving down a street.",
+              "Kids playing frisbee in a park; one is jumping.", "Isn't that a 747 airplane?",
+              "A close up of a pizza with pepperoni & cheese", "People walking in the rain w/ umbrellas",
+              "There's a dog (brown) on the bed.", "A 2-year-old boy eating a donut.",
+              "An old man sitting on a bench... reading", 'A "stop" sign at an intersection',
+              "Bowl of fruit: apples, bananas, oranges.", "A T-shirt that says 'I love NY'",
+              "Cars parked along the curb at 5:30 p.m.", "A kitchen with stainless-steel appliances.",
+              "Mr. and Mrs. Smith's wedding cake"]
+
+
 @pytest.mark.skipif(not java_available(), reason="java or pycocoevalcap not available")
 def test_python_ptb_tokenizer_matches_java_now():
-    caps = {i: [t] for i, t in enumerate(JAVA_CASES)}
+    caps = {i: [t] for i, t in enumerate(list(JAVA_CASES) + COCO_STYLE)}
     java, used = tokenize(caps, "java")
     assert used == "ptb-java"
     py, _ = tokenize(caps, "python")
