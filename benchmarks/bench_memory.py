@@ -46,6 +46,37 @@ def current_rss_gib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GIB
 
 
+class PhaseSampler:
+    """Background thread: the largest current RSS seen in each phase ("build", "initialize", "step1", ...)."""
+
+    def __init__(self, period: float = 0.25, verbose: bool = False):
+        import threading
+        self.verbose = verbose
+        self.phase, self.peaks, self.period = "start", {}, period
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        n = 0
+        while not self._stop.is_set():
+            r = current_rss_gib()
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), r)
+            n += 1
+            if self.verbose and n % int(5 / self.period) == 0:
+                print(f"RSS rank{os.environ.get('RANK', '?')} {self.phase} {r:.2f} GiB", flush=True)
+            self._stop.wait(self.period)
+
+    def set(self, phase: str) -> None:
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), current_rss_gib())
+        self.phase = phase
+
+    def stop(self) -> dict:
+        self.set("end")
+        self._stop.set()
+        return {k: round(v, 2) for k, v in self.peaks.items()}
+
+
 # ---- one job (runs under the deepspeed launcher) -----------------------------------------------------------------------
 def make_batch(cfg, batch: int, image: int, src_len: int, tgt_len: int, seed: int) -> dict:
     import torch
@@ -62,8 +93,10 @@ def ds_config(strategy: str, batch: int) -> dict:
     stage = 0 if strategy == "pipe2" else int(strategy[4])
     z: dict = {"stage": stage}
     if stage == 3:
-        z.update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=int(1e8),
-                 stage3_prefetch_bucket_size=int(5e7), reduce_bucket_size=int(5e7))
+        # release every gathered parameter right after use (reuse distance 0): with DeepSpeed's default (1e9) a
+        # rank keeps the whole gathered model alive between forward and backward, i.e. no ZeRO-3 saving on CPU
+        z.update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=int(5e7),
+                 stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=int(2e7), reduce_bucket_size=int(2e7))
     if stage in (1, 2):
         z.update(reduce_bucket_size=int(5e7), allgather_bucket_size=int(5e7))
     if strategy == "zero3_offload":
@@ -89,6 +122,8 @@ def run_job(a) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(1)
     base = current_rss_gib()
+    sampler = PhaseSampler(verbose=a.verbose)
+    sampler.set("build")
     cfg = preset(a.preset)
     dcfg = ds_config(a.strategy, a.batch)
     loss_fn = PipeLoss(eps=0.1)
@@ -115,6 +150,7 @@ def run_job(a) -> dict:
             set_activation_checkpointing(model, True)
         local = sum(getattr(p, "ds_tensor", p).numel() for p in model.parameters())
     built_rss = current_rss_gib()
+    sampler.set("initialize")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = None
     if a.strategy != "zero3_offload":
@@ -126,6 +162,7 @@ def run_job(a) -> dict:
     for step in range(a.steps):
         b = make_batch(cfg, a.batch, a.image, a.src_len, a.tgt_len, seed=100 * step + rank)
         t = time.time()
+        sampler.set(f"step{step + 1}")
         if a.strategy == "pipe2":
             loss = engine.train_batch(iter([batch_to_pipe(b)]))
         else:
@@ -137,7 +174,8 @@ def run_job(a) -> dict:
         losses.append(float(loss))
     rec = {"rank": rank, "peak_rss_gib": round(rss_gib(), 3), "base_rss_gib": round(base, 3),
            "built_rss_gib": round(built_rss, 3), "params_local": int(local), "init_s": round(init_s, 1),
-           "step_s": [round(s, 2) for s in step_s], "losses": [round(x, 4) for x in losses]}
+           "step_s": [round(s, 2) for s in step_s], "losses": [round(x, 4) for x in losses],
+           "phase_peak_rss_gib": sampler.stop()}
     recs = [None] * world
     dist.all_gather_object(recs, rec)
     row = None
@@ -300,6 +338,7 @@ def main(argv=None) -> int:
     r.add_argument("--strategy", choices=STRATEGIES, default="zero3")
     r.add_argument("--ac", action="store_true", help="per-layer activation checkpointing")
     r.add_argument("--partition", default="parameters", help="pipeline partition_method")
+    r.add_argument("--verbose", action="store_true", help="print each rank's RSS every 5 s")
     s = sub.choices["sweep"]
     s.add_argument("--presets", default="tiny,medium")
     s.add_argument("--strategies", default=",".join(STRATEGIES))

@@ -17,7 +17,7 @@ checkpoints for resuming with another world size or ZeRO stage.
 CLI:
     python -m ofa_ds.training.universal pipe-to-folder CKPT_DIR OUT_DIR --preset huge [--tag T] [--official F.pt]
     python -m ofa_ds.training.universal zero-to-folder CKPT_DIR OUT_DIR [--tag T] [--official F.pt] --preset P
-    python -m ofa_ds.training.universal to-universal CKPT_DIR [--tag T]
+    python -m ofa_ds.training.universal to-universal CKPT_DIR [--tag T] [--target-stage 1]
 """
 from __future__ import annotations
 
@@ -91,17 +91,66 @@ def zero_checkpoint_to_dense(ckpt_dir: str, tag: str | None = None) -> dict[str,
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
 
 
-def to_universal(ckpt_dir: str, tag: str | None = None, num_workers: int = 1) -> str:
-    """Convert `<ckpt_dir>/<tag>` to `<ckpt_dir>/<tag>_universal` with DeepSpeed's ds_to_universal; returns the tag."""
+def to_universal(ckpt_dir: str, tag: str | None = None, num_workers: int = 1, target_stage: int = 3) -> str:
+    """Convert `<ckpt_dir>/<tag>` to `<ckpt_dir>/<tag>_universal` with DeepSpeed's ds_to_universal; returns the tag.
+
+    DeepSpeed 0.19 writes ZeRO-3 universal files as bare tensors, which only the ZeRO-3 loader reads; with
+    target_stage 0/1/2 the folder `<tag>_universal_z12` is written instead, its per-parameter files in the
+    {"param": tensor} form the ZeRO-1/2 loader expects, plus the module file and ds_version that loader needs."""
     d = _tag_dir(ckpt_dir, tag)
     tag = os.path.basename(d)
-    out = os.path.join(ckpt_dir, f"{tag}_universal")
+    suffix = "_universal" if target_stage == 3 else "_universal_z12"
+    out = os.path.join(ckpt_dir, f"{tag}{suffix}")
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", d, "--output_folder", out,
            "--num_extract_workers", str(num_workers), "--num_merge_workers", str(num_workers)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"ds_to_universal failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return f"{tag}_universal"
+    if target_stage < 3:
+        _add_module_file(d, out)
+        _wrap_param_files(out)
+    return f"{tag}{suffix}"
+
+
+def _wrap_param_files(out: str) -> None:
+    from deepspeed.checkpoint.constants import PARAM
+    zdir = os.path.join(out, "zero")
+    osd = torch.load(os.path.join(zdir, "optimizer_state.pt"), map_location="cpu", weights_only=False)
+    step = osd["optimizer_state_dict"]["state"][0]["step"]      # ZeRO-3 keeps one Adam step for all parameters
+    for name in os.listdir(zdir):
+        pdir = os.path.join(zdir, name)
+        if not os.path.isdir(pdir):
+            continue
+        for f in os.listdir(pdir):
+            path = os.path.join(pdir, f)
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+            if torch.is_tensor(obj) and f != "step.pt":
+                torch.save({PARAM: obj}, path)
+        torch.save(step, os.path.join(pdir, "step.pt"))
+
+
+def _add_module_file(src: str, out: str) -> None:
+    """ZeRO-1/2 engines load module weights from `mp_rank_00_model_states.pt`, which a ZeRO-3 checkpoint does not
+    have (its per-rank files hold empty partitions). Write one with the consolidated fp32 weights, so the universal
+    folder of a ZeRO-3 run also resumes under ZeRO-0/1/2 (the optimizer states still come from `zero/`)."""
+    target = os.path.join(out, "mp_rank_00_model_states.pt")
+    first = os.path.join(src, "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    if os.path.exists(target) or not os.path.exists(first):
+        return
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    sd = torch.load(first, map_location="cpu", weights_only=False)
+    if "ds_config" in sd and (sd["ds_config"].get("zero_optimization") or {}).get("stage", 0) != 3:
+        return
+    sd["module"] = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(src), tag=os.path.basename(src))
+    torch.save(sd, target)
+    # the ZeRO-1/2 universal loader insists on a ds_version in zero/optimizer_state.pt; ZeRO-3's converter omits it
+    opt_path = os.path.join(out, "zero", "optimizer_state.pt")
+    if os.path.exists(opt_path):
+        import deepspeed
+        osd = torch.load(opt_path, map_location="cpu", weights_only=False)
+        if not osd.get("ds_version"):
+            osd["ds_version"] = sd.get("ds_version") or deepspeed.__version__
+            torch.save(osd, opt_path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,9 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     u = sub.add_parser("to-universal")
     u.add_argument("ckpt_dir")
     u.add_argument("--tag")
+    u.add_argument("--target-stage", type=int, default=3, help="ZeRO stage of the run that will resume (0-3)")
     args = p.parse_args(argv)
     if args.cmd == "to-universal":
-        print(json.dumps({"universal_tag": to_universal(args.ckpt_dir, args.tag)}))
+        print(json.dumps({"universal_tag": to_universal(args.ckpt_dir, args.tag,
+                                                              target_stage=args.target_stage)}))
         return 0
     cfg = preset(args.preset)
     if args.cmd == "pipe-to-folder":
