@@ -209,7 +209,7 @@ class Trainer:
             finite, = _all_reduce([float(torch.isfinite(out.loss).item())], dist.ReduceOp.MIN)
             if finite:
                 loss = out.loss * (world * gas / max(total_size, 1e-9))
-                loss_sum += float(out.loss)
+                loss_sum += float(out.loss.detach())
                 nll_sum += float(out.nll)
             else:
                 loss = out.loss.new_zeros(())
