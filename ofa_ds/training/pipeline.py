@@ -382,26 +382,40 @@ def pipe_state_to_dense(cfg: ModelConfig, layers: dict[int, dict[str, Tensor]]) 
 # --------------------------------------------------------------------------------------------------------------
 # loss, batches, module
 class PipeLoss:
-    """loss_fn of the pipeline: OFA's label-smoothed CE (ofa_ds.losses) over [B,T,V] logits, divided by the
-    micro-batch's token count (`normalize="tokens"`) or left summed (`"sum"`). `labels` is the target tensor or a
-    tuple (target, conf) with conf [B] float per-sample weights."""
+    """loss_fn of the pipeline: OFA's label-smoothed CE (ofa_ds.losses) over [B,T,V] logits.
+
+    normalize: "tokens" = divided by the micro-batch's kept-token count; "sum" = summed; "weight" = multiplied by a
+    per-micro-batch scalar the trainer sends with the labels (fairseq normalisation: weight = world·accum / the
+    step's total sample size, known before the step starts, as in the dense trainer). labels: the target tensor, or
+    a tuple (target, conf [B] or empty, weight [1])."""
 
     def __init__(self, eps: float = 0.1, normalize: str = "tokens", **ce_kwargs: Any):
-        if normalize not in ("tokens", "sum"):
-            raise ValueError(f"normalize must be 'tokens' or 'sum', got {normalize!r}")
+        if normalize not in ("tokens", "sum", "weight"):
+            raise ValueError(f"normalize must be 'tokens', 'sum' or 'weight', got {normalize!r}")
         self.eps, self.normalize, self.kw = eps, normalize, ce_kwargs
         self.__name__ = "label_smoothed_ce"
 
     def __call__(self, logits: Tensor, labels) -> Tensor:
         from ofa_ds.losses import label_smoothed_ce
-        target, conf = (labels, None) if torch.is_tensor(labels) else (labels[0], _none_if_empty(labels[1]))
+        if torch.is_tensor(labels):
+            target, conf, weight = labels, None, None
+        else:
+            target, conf = labels[0], _none_if_empty(labels[1])
+            weight = labels[2] if len(labels) > 2 else None
         out = label_smoothed_ce(logits, target, eps=self.eps, conf=conf, **self.kw)
-        return out.loss / max(out.ntokens, 1) if self.normalize == "tokens" else out.loss
+        if self.normalize == "tokens":
+            return out.loss / max(out.ntokens, 1)
+        if self.normalize == "weight":
+            if weight is None:
+                raise ValueError("PipeLoss(normalize='weight') needs labels (target, conf, weight)")
+            return out.loss * weight.reshape(()).to(out.loss.dtype)
+        return out.loss
 
 
-def batch_to_pipe(batch: dict) -> tuple[tuple[Tensor, ...], Any]:
+def batch_to_pipe(batch: dict, weight: float | None = None) -> tuple[tuple[Tensor, ...], Any]:
     """A collated batch dict (ofa_ds.data) → ((src, img, pmask, prev, cm), labels) as the PipelineEngine wants.
-    Empty tensors stand for missing images / code masks; masks travel as int64."""
+    Empty tensors stand for missing images / code masks; masks travel as int64. With `weight` (or conf) the labels
+    are (target, conf or empty, weight)."""
     src = batch["src_tokens"]
     b = src.shape[0]
     img = batch.get("patch_images")
@@ -411,9 +425,21 @@ def batch_to_pipe(batch: dict) -> tuple[tuple[Tensor, ...], Any]:
     cm = batch.get("code_masks")
     cm = torch.zeros(0, dtype=torch.long) if cm is None else cm.long()
     labels: Any = batch["target"]
-    if batch.get("conf") is not None:
-        labels = (batch["target"], batch["conf"].float())
+    conf = batch.get("conf")
+    if conf is not None or weight is not None:
+        labels = (batch["target"], torch.zeros(0) if conf is None else conf.float(),
+                  torch.tensor([1.0 if weight is None else float(weight)]))
     return (src, img, pm, batch["prev_output_tokens"], cm), labels
+
+
+def pipeline_settings(ds_cfg: dict) -> dict:
+    """build_pipeline keyword arguments from a ds_config's "pipeline" block (DeepSpeed's own key names):
+    stages, partition, activation_checkpoint_interval (0 or 1 = per layer)."""
+    p = ds_cfg.get("pipeline") or {}
+    stages = p.get("stages", 2)
+    return {"num_stages": 2 if stages == "auto" else int(stages),
+            "partition_method": p.get("partition", "parameters"),
+            "activation_checkpointing": int(p.get("activation_checkpoint_interval", 0)) > 0}
 
 
 def build_pipeline(cfg: ModelConfig, num_stages: int = 2, loss_fn: Callable | None = None,

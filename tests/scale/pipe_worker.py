@@ -168,7 +168,9 @@ def main():
     for group, seen in zip(opt3.param_groups, opt3.seen):
         for p, gr in zip(group["params"], seen):
             ac_err = max(ac_err, float((gr - dgrads[names[pnames3[id(p)]]]).abs().max()))
-    res["ac_pipe"] = {"loss": ac_loss, "dense_loss": res["steps"][0]["dense"], "grad_max_abs_err": ac_err}
+    res["ac_pipe"] = {"loss": ac_loss, "dense_loss": res["steps"][0]["dense"], "grad_max_abs_err": ac_err,
+                      "checkpointed_blocks": sum(bool(x) for x in pipe3.is_checkpointable_results),
+                      "layers_on_stage": len(pipe3.forward_funcs)}
 
     # -- dense → pipeline: a pipeline initialised from the trained dense weights evaluates like the dense model ------
     dense.eval()
