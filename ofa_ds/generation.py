@@ -131,6 +131,17 @@ def _reorder(cache: dict, order: Tensor, cross: bool) -> None:
                     kv[n] = kv[n].index_select(0, order)
 
 
+def _contiguous_cross(cache: dict) -> None:
+    """Cross-attention K/V are cached as head-transposed views of the projection output; every later step's
+    attention matmul would copy them again. One copy here makes them contiguous for the rest of the search."""
+    for key, layer in cache.items():
+        if key != "length" and "cross" in layer:
+            kv = layer["cross"]
+            for n in ("k", "v"):
+                if n in kv and not kv[n].is_contiguous():
+                    kv[n] = kv[n].contiguous()
+
+
 def _vocab_size(model) -> int:
     return model.cfg.vocab_size
 
@@ -301,6 +312,8 @@ def generate(model, batch: dict, cfg: GenerationConfig | None = None, prefix_tok
         rows_prefix = prefix.repeat_interleave(K, 0) if prefix is not None else None
         plen = rows_prefix.ne(PAD).sum(1) if rows_prefix is not None else None
         lprobs = _step_lprobs(model, tokens, step, enc, cache, cfg, trie, plen, bin_offset, code_masks)
+        if step == 0:
+            _contiguous_cross(cache)
         if step >= max_len:
             eos_col = lprobs[:, EOS].clone()
             lprobs.fill_(-math.inf)
@@ -412,6 +425,8 @@ def sample(model, batch: dict, cfg: GenerationConfig, trie: Optional[Trie] = Non
     for step in range(max_len + 1):
         _all_ranks(False, sync, dev)
         lprobs = _step_lprobs(model, tokens, step, enc, cache, cfg, trie, None, bin_offset, code_masks)
+        if step == 0:
+            _contiguous_cross(cache)
         if step >= max_len:
             eos_col = lprobs[:, EOS].clone()
             lprobs.fill_(-math.inf)
@@ -542,6 +557,7 @@ def score_candidates(model, enc, prompts: Sequence[Sequence[int]], candidates: S
         enc_b = enc.index_select(torch.tensor([b], device=dev))
         cache: dict = {}
         h_last = model.decoder(torch.tensor([p], device=dev), enc_b, None, cache, features_only=True)[:, -1]
+        _contiguous_cross(cache)
         logits = F.linear(h_last, W).float()[0]                                   # one row: the full vocabulary
         if trie is None:
             lse = torch.logsumexp(logits, -1)
