@@ -44,7 +44,18 @@ class ConfigMismatch(ValueError):
 
 
 # ---- DeepSpeed config resolution ------------------------------------------------------------------------------------
+def resolve_ds_path(path: str) -> str:
+    """A relative path that does not exist from the working directory is looked up in the checkout's root, so the
+    recipes' `ds_configs/...` work from any directory."""
+    if os.path.isfile(path) or os.path.isabs(path):
+        return path
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    alt = os.path.join(root, path)
+    return alt if os.path.isfile(alt) else path
+
+
 def load_ds_json(path: str) -> dict:
+    path = resolve_ds_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"DeepSpeed config {path!r} does not exist (see ds_configs/ for the shipped ones)")
     with open(path) as f:

@@ -22,10 +22,19 @@ def synthetic_root(tmp_path_factory) -> str:
     return root
 
 
+def free_port() -> int:
+    """A port nothing listens on now (the launcher's default 29500 may be taken by another job)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(args: list[str], synthetic: str, ranks: int = 0, script: str = "launch/pretrain.py", sets=(),
            timeout: int = 600) -> subprocess.CompletedProcess:
     """ranks=0: plain python (one process); ranks>=1: the deepspeed launcher with that many local ranks."""
-    cmd = [sys.executable, script] if ranks == 0 else ["deepspeed", "--num_gpus", str(ranks), script]
+    cmd = [sys.executable, script] if ranks == 0 else ["deepspeed", "--num_gpus", str(ranks), "--master_port",
+                                                         str(free_port()), script]
     cmd += list(args)
     for s in list(SMALL) + list(sets):
         cmd += ["--set", s]
