@@ -77,7 +77,7 @@ class PhaseSampler:
         return {k: round(v, 2) for k, v in self.peaks.items()}
 
 
-# ---- one job (runs under the deepspeed launcher) -----------------------------------------------------------------------
+# ---- one job (runs under the deepspeed launcher) ---------------------------------------------------------------------
 def make_batch(cfg, batch: int, image: int, src_len: int, tgt_len: int, seed: int) -> dict:
     import torch
     g = torch.Generator().manual_seed(seed)
@@ -183,8 +183,7 @@ def run_job(a) -> dict:
         from benchmarks.common import append_csv, base_row
         row = dict(base_row(), preset=a.preset, strategy=a.strategy, act_ckpt=int(a.ac), ranks=world,
                    batch=a.batch, image=a.image, src_len=a.src_len, tgt_len=a.tgt_len,
-                   params_total=sum(p.numel() for p in OFAModel(preset(a.preset, vocab_size=cfg.vocab_size)).parameters())
-                   if a.preset in ("tiny", "medium") else _count_params(cfg),
+                   params_total=_count_params(cfg),
                    params_rank0=recs[0]["params_local"], params_rank1=recs[-1]["params_local"],
                    peak_rss_gib_rank0=recs[0]["peak_rss_gib"], peak_rss_gib_rank1=recs[-1]["peak_rss_gib"],
                    base_rss_gib=recs[0]["base_rss_gib"], init_s=recs[0]["init_s"], steps=a.steps,
@@ -226,6 +225,7 @@ def sweep(a) -> int:
                        "--batch", str(a.batch), "--src-len", str(a.src_len), "--tgt-len", str(a.tgt_len),
                        "--csv", a.csv] + (["--ac"] if ac else [])
                 env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+                           MALLOC_MMAP_THRESHOLD_=os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072"),
                            PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
                 r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
                 line = [x for x in r.stdout.splitlines() if x.startswith("MEMROW ")]
@@ -242,7 +242,8 @@ def sweep(a) -> int:
 
 # ---- estimates ------------------------------------------------------------------------------------------------------
 CLUSTERS = [("8xA100-40GB", 8, 1, 40), ("8xA100-80GB", 8, 1, 80), ("8xV100-32GB", 8, 1, 32),
-            ("2x8 A100-40GB", 8, 2, 40), ("2x8 V100-32GB", 8, 2, 32), ("this machine: 2 CPU ranks sharing 24 GiB", 2, 1, 12)]
+            ("2x8 A100-40GB", 8, 2, 40), ("2x8 V100-32GB", 8, 2, 32),
+            ("this machine: 2 CPU ranks sharing 24 GiB", 2, 1, 12)]
 
 
 def pipeline_stage_params(cfg, stages: int = 2) -> list[int]:
@@ -252,7 +253,9 @@ def pipeline_stage_params(cfg, stages: int = 2) -> list[int]:
     from ofa_ds.training.pipeline import build_layer_modules, layer_roles
     mods = build_layer_modules(cfg)
     counts = [0 if m is None else sum(p.numel() for p in m.parameters()) for m in mods]
+    counts[-1] = counts[0]                    # as OFAPipelineModule._count_layer_params: first and last use
     parts = partition_balanced(weights=counts, num_parts=stages)
+    counts[-1] = 0
     if parts[1] < 2:
         parts[1] = 2
     tied = counts[0]
@@ -287,8 +290,9 @@ def estimate(a) -> int:
     total, big = _count_params(cfg), largest_layer(cfg)
     stage = pipeline_stage_params(cfg, 2)
     print(f"OFA-{a.preset}: {total:,} parameters, largest layer {big:,}; 2-stage pipeline stages {stage}")
-    print("bytes per parameter (model states): GPU mixed precision 16 (2 param + 2 grad + 12 fp32 Adam/master); "
-          "CPU fp32 16 (4 param + 4 grad + 8 Adam) + DeepSpeed's fp32 partition copy under ZeRO")
+    print("model states only (no activations). GPUs: DeepSpeed's estimators, mixed precision (2 param + 2 grad + "
+          "12 fp32 master/Adam bytes per parameter); PP2+Z1 = 2 stages, ZeRO-1 over the remaining data parallelism. "
+          "This machine: fp32, 4 + 4 + 8 bytes, + a 4-byte fp32 master copy of the partition under ZeRO-1/2")
     hdr = f"{'cluster':36s} {'ZeRO-0':>9s} {'ZeRO-2':>9s} {'ZeRO-3':>9s} {'Z3+offl':>9s} {'PP2+Z1':>9s}  GiB/device"
     print(hdr)
     for name, per_node, nodes, cap in CLUSTERS:
@@ -302,10 +306,11 @@ def estimate(a) -> int:
         z0 = 16 * total
         dp = max(n // 2, 1)
         pp = 4 * max(stage) + 12 * max(stage) / dp      # bf16 param+grad, fp32 states sharded over dp (ZeRO-1)
-        if name.startswith("this machine"):           # fp32 on CPU: 4+4 params/grads, 8 Adam (+4 fp32 copy in ZeRO)
-            z0, z2 = 16 * total, 8 * total + 12 * total / n
-            z3 = 20 * total / n
-            z3o = z3
+        if name.startswith("this machine"):
+            # fp32 on CPU: param 4 + grad 4 + Adam 8. ZeRO-1/2 keep a flat fp32 master copy of their partition
+            # (4/n more); ZeRO-3 reuses fp32 partitions as master weights (no copy); offload changes nothing on CPU
+            z0, z2 = 16 * total, 4 * total + 16 * total / n
+            z3 = z3o = 16 * total / n
             pp = 16 * max(stage)
         vals = [z0, z2, z3, z3o, pp]
         fits = ["fits" if v / GIB < 0.8 * cap else "no" for v in vals]

@@ -274,7 +274,8 @@ def layer_roles(cfg: ModelConfig) -> list[tuple[str, int]]:
     """(role, block index) for every pipeline position; roles: tied_enc, enc_embed, enc_layer, enc_norm, tied_dec,
     dec_embed, dec_layer, dec_norm, tied_head."""
     roles = [("tied_enc", 0), ("enc_embed", 0)] + [("enc_layer", i) for i in range(cfg.encoder_layers)]
-    roles += [("enc_norm", 0), ("tied_dec", 0), ("dec_embed", 0)] + [("dec_layer", i) for i in range(cfg.decoder_layers)]
+    roles += [("enc_norm", 0), ("tied_dec", 0), ("dec_embed", 0)]
+    roles += [("dec_layer", i) for i in range(cfg.decoder_layers)]
     return roles + [("dec_norm", 0), ("tied_head", 0)]
 
 
@@ -446,21 +447,23 @@ def build_pipeline(cfg: ModelConfig, num_stages: int = 2, loss_fn: Callable | No
                    partition_method: str = "parameters", activation_checkpointing: bool = False,
                    sample_patch_num: int | None = None, dynamic_shape: bool = True, **kw):
     """The PipelineModule (call after deepspeed.init_distributed). partition_method: 'parameters' (tied table
-    counted once), 'uniform', 'type:EncoderLayerPipe|DecoderLayerPipe' (equal transformer-layer count), or
-    'ofa:N' = first N layer positions on stage 0 (2 stages). activation_checkpointing recomputes every encoder/decoder
-    layer in backward (torch's non-reentrant checkpoint)."""
+    counted on the first and last stage), 'uniform', 'type:EncoderLayerPipe|DecoderLayerPipe' (equal
+    transformer-layer count), or 'ofa:N' = first N layer positions on stage 0 (2 stages).
+    activation_checkpointing recomputes every encoder/decoder layer in backward (torch's non-reentrant checkpoint)."""
     from ofa_ds.training.activation_checkpoint import pipeline_checkpoint_kwargs
     from deepspeed.pipe import PipelineModule
 
     class OFAPipelineModule(PipelineModule):
         def _count_layer_params(self):
-            seen, counts = set(), []
-            for spec in self._layer_specs:
-                key = getattr(spec, "key", None)
-                if key is not None and key in seen:
+            # the tied table lives on the first stage (encoder lookup) and on the last (head): count it at its
+            # first and last use, not three times (DeepSpeed's default) and not once (it is replicated)
+            keys = [getattr(s, "key", None) for s in self._layer_specs]
+            counts = []
+            for i, spec in enumerate(self._layer_specs):
+                k = keys[i]
+                if k is not None and i != keys.index(k) and i != len(keys) - 1 - keys[::-1].index(k):
                     counts.append(0)
                     continue
-                seen.add(key)
                 with torch.device("meta"):
                     counts.append(sum(p.numel() for p in spec.build().parameters() if p.requires_grad))
             return counts

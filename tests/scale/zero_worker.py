@@ -32,7 +32,8 @@ def batch_for(step: int) -> dict:
     src[1, -2:] = 1
     prev = torch.randint(4, 400, (GLOBAL, 5), generator=g)
     prev[:, 0] = 0
-    return {"src_tokens": src, "prev_output_tokens": prev, "target": torch.cat([prev[:, 1:], torch.full((GLOBAL, 1), 2)], 1),
+    target = torch.cat([prev[:, 1:], torch.full((GLOBAL, 1), 2)], 1)
+    return {"src_tokens": src, "prev_output_tokens": prev, "target": target,
             "patch_images": torch.randn(GLOBAL, 3, 32, 32, generator=g),
             "patch_masks": torch.tensor([True, True, False, True])}
 
