@@ -9,5 +9,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # glibc: keep large blocks in mmap (returned to the OS on free) instead of letting the threshold float up to 32 MiB,
 # which leaves GiBs of freed build-time tensors resident in the heap
 export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-131072}
-exec deepspeed --num_gpus 2 --master_port ${MASTER_PORT:-29613} benchmarks/bench_memory.py run \
+PORT=${MASTER_PORT:-29614}
+# DeepSpeed's CPU shared-memory all-reduce leaves one 66 MB /dev/shm file per rank behind: remove ours on exit
+trap 'rm -f /dev/shm/deepspeed_allreduce_buffer_*_${PORT}_*' EXIT
+deepspeed --num_gpus 2 --master_port ${PORT} benchmarks/bench_memory.py run \
     --preset huge --strategy pipe2 --steps 2 --image 64 --batch 1 "$@"

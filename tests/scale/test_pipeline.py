@@ -1,5 +1,6 @@
 """OFA as a 2-stage DeepSpeed pipeline on 2 CPU ranks (gloo): equivalence with the dense model and checkpoint
 conversion across layouts. One launch of tests/scale/pipe_worker.py (≈1.5 min) feeds all tests in this file."""
+import glob
 import json
 import os
 import socket
@@ -20,11 +21,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def remove_shm_buffers(port: int) -> None:
+    """DeepSpeed's CPU shared-memory all-reduce leaves a 66 MB /dev/shm file per rank and job (RAM, never freed)."""
+    for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        try:
+            os.remove(f)
+        except OSError:
+            pass
+
+
 def launch(script: str, out: str, *extra: str, ranks: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N script --out OUT`, on a free port so concurrent jobs do not collide."""
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), script, "--out", out, *extra]
+    port = free_port()
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), script, "--out", out, *extra]
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        remove_shm_buffers(port)
     if r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
     return r
