@@ -481,9 +481,34 @@ def build_pipeline(cfg: ModelConfig, num_stages: int = 2, loss_fn: Callable | No
                 self._set_bounds(start=self.parts[self.stage_id], stop=self.parts[self.stage_id + 1])
 
     ac = pipeline_checkpoint_kwargs(activation_checkpointing)
-    return OFAPipelineModule(_layer_specs(cfg, sample_patch_num), num_stages=num_stages,
-                             loss_fn=loss_fn or PipeLoss(), partition_method=partition_method,
-                             dynamic_shape=dynamic_shape, **ac, **kw)
+    module = OFAPipelineModule(_layer_specs(cfg, sample_patch_num), num_stages=num_stages,
+                               loss_fn=loss_fn or PipeLoss(), partition_method=partition_method,
+                               dynamic_shape=dynamic_shape, **ac, **kw)
+    reset_parameters(module)
+    return module
+
+
+@torch.no_grad()
+def reset_parameters(module) -> None:
+    """OFAModel's init (BERT-style N(0, 0.02), padding row 0, LayerNorm (1, 0), ResNet kaiming) on this stage's
+    layers, then the tied table is re-broadcast so every stage holds stage 0's copy."""
+    for name, m in module.named_modules():
+        if isinstance(m, ResNet):
+            m.reset_parameters()
+        elif ".embed_images." in name:
+            continue
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    module._synchronize_tied_weights()
 
 
 def local_layers(module) -> dict[int, nn.Module]:
