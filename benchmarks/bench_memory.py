@@ -341,6 +341,30 @@ def estimate(a) -> int:
     return 0
 
 
+def table(a) -> int:
+    """Markdown table of benchmarks/results/memory.csv (latest row per preset/strategy/ac/batch/image/optimizer)."""
+    import csv
+    with open(os.path.join(a.results, "memory.csv")) as f:
+        rows = list(csv.reader(f))
+    head, latest = rows[0], {}
+    for r in rows[1:]:
+        d = dict(zip(head + ["optimizer"], r))
+        d.setdefault("optimizer", "adamw")
+        if d["strategy"] == "zero3_offload":
+            d["optimizer"] = "ds_cpu_adamw"
+        key = (d["preset"], d["strategy"], d["act_ckpt"], d["batch"], d["image"], d["optimizer"])
+        latest[key] = d
+    print("| preset | strategy | act. ckpt | batch × image | optimizer | params rank0 / rank1 | peak RSS GiB rank0 / rank1 "
+          "| step s | date, commit |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for d in latest.values():
+        print(f"| {d['preset']} | {d['strategy']} | {'on' if d['act_ckpt'] == '1' else 'off'} | {d['batch']} × "
+              f"{d['image']} px | {d['optimizer']} | {int(d['params_rank0']) / 1e6:.1f}M / "
+              f"{int(d['params_rank1']) / 1e6:.1f}M | {float(d['peak_rss_gib_rank0']):.2f} / "
+              f"{float(d['peak_rss_gib_rank1']):.2f} | {d['step_s_mean']} | {d['date'][:10]}, {d['commit']} |")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--local_rank", type=int, default=-1)      # the deepspeed launcher puts it first
@@ -369,7 +393,11 @@ def main(argv=None) -> int:
     e = sub.add_parser("estimate")
     e.add_argument("--preset", default="huge")
     e.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
+    t = sub.add_parser("table")
+    t.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
     a = ap.parse_args(argv)
+    if a.cmd == "table":
+        return table(a)
     if a.cmd == "run":
         run_job(a)
         return 0
