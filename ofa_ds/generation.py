@@ -551,6 +551,10 @@ def score_candidates(model, enc, prompts: Sequence[Sequence[int]], candidates: S
     later_allowed = None
     if trie is not None:
         later_allowed = [[trie.next_tokens([BOS, *c[:k]]) for k in range(1, len(c) + 1)] for c in cands]
+    groups: dict[int, list[int]] = {}                             # chunks of equal-length candidates: no padding
+    for j in range(N):
+        groups.setdefault(len(cands[j]), []).append(j)
+    chunks = [g[s: s + chunk_rows] for _, g in sorted(groups.items()) for s in range(0, len(g), chunk_rows)]
     for b in range(B):
         p = [int(t) for t in prompts[b]]
         P = len(p)
@@ -567,8 +571,7 @@ def score_candidates(model, enc, prompts: Sequence[Sequence[int]], candidates: S
         if trie is not None:
             ok = set(first_allowed)
             lp_first = lp_first.masked_fill(torch.tensor([t not in ok for t in first_tok], device=dev), -math.inf)
-        for s in range(0, N, chunk_rows):
-            js = list(range(s, min(N, s + chunk_rows)))
+        for js in chunks:
             c = len(js)
             A = max(len(cands[j]) for j in js)
             prev = torch.full((c, P + A), PAD, dtype=torch.long, device=dev)
@@ -590,7 +593,8 @@ def score_candidates(model, enc, prompts: Sequence[Sequence[int]], candidates: S
             lp = _row_logprobs(h[r_t, torch.tensor(ki, dtype=torch.long, device=dev)], W, tg,
                                al if later_allowed is not None else None)
             sums = torch.zeros(c, dtype=torch.float32, device=dev).index_add_(0, r_t, lp)
-            out[b, s: s + c] = lp_first[s: s + c] + sums
+            js_t = torch.tensor(js, dtype=torch.long, device=dev)
+            out[b, js_t] = lp_first[js_t] + sums
     return out
 
 
