@@ -230,8 +230,9 @@ def evaluate_task(model, task: str, batches, tok, *, device, dtype, max_len: int
         bins[tok.bin_offset: tok.bin_offset + num_bins] = True
     for raw in batches:
         b = to_device(raw, device, dtype)
-        ls, ss = batch_loss(model, b, eps)
-        loss_sum, size = loss_sum + ls, size + ss
+        if task != "caption":        # caption eval targets are the '&&'-joined references: no meaningful loss
+            ls, ss = batch_loss(model, b, eps)
+            loss_sum, size = loss_sum + ls, size + ss
         ids = raw["id"].tolist()
         if cand_ids is not None and "ref_dict" in raw:
             prompts = raw.get("decoder_prompt") or [[BOS]] * len(ids)

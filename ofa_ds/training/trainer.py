@@ -247,8 +247,9 @@ class Trainer:
                                                 candidates=s["candidates"], eps=self.run_cfg.train.label_smoothing)
                 recs = EV.gather_records(recs)
                 ls, ss = _all_reduce([ls, ss])
+                if self.rank == 0 and ss > 0:
+                    results[f"{task}_loss"] = ls / ss
                 if self.rank == 0:
-                    results[f"{task}_loss"] = ls / max(ss, 1e-9)
                     results.update(EV.summarise(task, recs, s["baseline"], self.tok))
         finally:
             module.train()
