@@ -109,7 +109,8 @@ def gather(records: list[dict], world: int) -> list[dict]:
 # ---- main -----------------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="launch/evaluate.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", required=True, choices=["caption", "vqa", "refcoco", "snli_ve", "imagenet", "gigaword"])
+    p.add_argument("--task", required=True, choices=["caption", "vqa", "refcoco", "snli_ve", "imagenet", "gigaword",
+                                                     "cola", "sst2", "mrpc", "qqp", "mnli", "rte", "qnli"])
     p.add_argument("--checkpoint", required=True, help="official .pt, exported folder, or our training checkpoint")
     p.add_argument("--data", required=True, help="TSV file (a comma list: the last path is evaluated)")
     p.add_argument("--out", default=None, help="output folder (default: ./eval_<task>)")
@@ -123,7 +124,8 @@ def parse_args(argv=None):
     p.add_argument("--selected-cols", default=None)
     p.add_argument("--patch-image-size", type=int, default=None, help="default: 480 (512 for RefCOCO)")
     p.add_argument("--max-image-size", type=int, default=512)
-    p.add_argument("--prompt-type", default="prev_output", choices=["none", "src", "prev_output"])
+    p.add_argument("--prompt-type", default=None, choices=["none", "src", "prev_output"],
+                   help="decoder prompt layout (default: src for GLUE, prev_output otherwise)")
     p.add_argument("--add-object", action="store_true", help="VQA: append the object tags to the question")
     p.add_argument("--add-caption", action="store_true", help="SNLI-VE: premise in the prompt (released finetunes)")
     p.add_argument("--caption-tokenizer", default="auto", choices=["auto", "python", "java", "none"])
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world = init_dist()
     from ofa_ds.data import DataConfig, DataStream
-    from ofa_ds.metrics.tasks import make_evaluator
+    from ofa_ds.metrics.tasks import GLUE, make_evaluator
     from ofa_ds.tokenizer import get_tokenizer
 
     if args.device == "auto":
@@ -151,7 +153,8 @@ def main(argv=None) -> int:
     size = args.patch_image_size or (512 if args.task == "refcoco" else 480)
     dcfg = DataConfig(task=args.task, data=args.data, selected_cols=args.selected_cols, batch_size=args.batch_size,
                       num_workers=args.num_workers, shuffle=False, equalize_shards=False, patch_image_size=size,
-                      max_image_size=args.max_image_size, prompt_type=args.prompt_type, add_object=args.add_object,
+                      max_image_size=args.max_image_size, add_object=args.add_object,
+                      prompt_type=args.prompt_type or ("src" if args.task in GLUE else "prev_output"),
                       add_caption=args.add_caption, ans2label_file=args.ans2label, bad_row_threshold=1.0)
     stream = DataStream(dcfg, split="valid", rank=rank, world=world)
     tok = get_tokenizer()

@@ -525,13 +525,14 @@ def _expand_cache(cache: dict, n: int) -> dict:
 
 @torch.no_grad()
 def score_candidates(model, enc, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]],
-                     trie: Optional[Trie] = None, chunk_rows: int = 512) -> Tensor:
+                     trie: Optional[Trie] = None, chunk_rows: int = 512, first_token_only: bool = False) -> Tensor:
     """§8.3: score every candidate answer (token lists without eos) for every sample by teacher forcing.
 
     prompts[b] = sample b's decoder prompt starting with bos (VQA/SNLI-VE prev_output: bos + question; ImageNet:
     [bos]). Returns [B, N] float scores = sum over the answer tokens and eos of log p, with the log-softmax taken
     over the trie children of [bos] + answer prefix when `trie` is given (over the vocabulary otherwise); a
-    candidate the trie does not contain scores -inf.
+    candidate the trie does not contain scores -inf. `first_token_only`: only the log-prob of each candidate's first
+    token after the prompt (GLUE: argmax at the last position under the label constraint).
 
     Each sample's prompt is decoded once into a KV cache (its cross-attention K/V included); every chunk of
     `chunk_rows` candidates then decodes only its answer tokens on stride-0 views of that cache, with the
@@ -571,6 +572,9 @@ def score_candidates(model, enc, prompts: Sequence[Sequence[int]], candidates: S
         if trie is not None:
             ok = set(first_allowed)
             lp_first = lp_first.masked_fill(torch.tensor([t not in ok for t in first_tok], device=dev), -math.inf)
+        if first_token_only:
+            out[b] = lp_first
+            continue
         for js in chunks:
             c = len(js)
             A = max(len(cands[j]) for j in js)

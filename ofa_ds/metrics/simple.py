@@ -91,3 +91,13 @@ def accuracy(preds: Sequence, golds: Sequence) -> float:
     if len(preds) != len(golds):
         raise ValueError(f"{len(preds)} predictions but {len(golds)} labels")
     return sum(1 for p, g in zip(preds, golds) if p == g) / max(len(preds), 1)
+
+
+def matthews_corr(preds: Sequence, golds: Sequence, positive="yes") -> float:
+    """Matthews correlation coefficient of a binary labelling (CoLA's metric); 0 when undefined."""
+    tp = sum(1 for p, g in zip(preds, golds) if p == positive and g == positive)
+    tn = sum(1 for p, g in zip(preds, golds) if p != positive and g != positive)
+    fp = sum(1 for p, g in zip(preds, golds) if p == positive and g != positive)
+    fn = sum(1 for p, g in zip(preds, golds) if p != positive and g == positive)
+    den = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
+    return (tp * tn - fp * fn) / den if den else 0.0

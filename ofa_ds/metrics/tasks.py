@@ -97,6 +97,8 @@ class _AllCandidate(Evaluator):
     def prompts(self, batch) -> list[list[int]]:
         return [list(p) for p in batch["decoder_prompt"]]
 
+    first_token_only = False
+
     def choose(self, model, batch) -> list[str]:
         prompts = self.prompts(batch)
         if self.mode == "beam":
@@ -104,7 +106,8 @@ class _AllCandidate(Evaluator):
             hyps = generate(model, batch, self.gen, prefix_tokens=prefix, trie=self.trie, sync=self.sync)
             return [self.tok.decode(strip_prefix(h[0], len(p))).strip() if h else "" for h, p in zip(hyps, prefix)]
         enc = model.encode(batch["src_tokens"], batch.get("patch_images"), batch.get("patch_masks"))
-        scores = score_candidates(model, enc, prompts, self.cand_tokens, trie=self.trie, chunk_rows=self.chunk_rows)
+        scores = score_candidates(model, enc, prompts, self.cand_tokens, trie=self.trie, chunk_rows=self.chunk_rows,
+                                  first_token_only=self.first_token_only)
         return [self.answers[j] for j in scores.argmax(1).tolist()]
 
 
@@ -146,6 +149,26 @@ class ImageNetEvaluator(SnliVeEvaluator):
         preds = self.choose(model, batch)
         return [{"id": sid, "answer": a, "gold": next(iter(batch["ref_dict"][i]))}
                 for i, (sid, a) in enumerate(zip(_ids(batch), preds))]
+
+
+class GlueEvaluator(SnliVeEvaluator):
+    """GLUE (§8.2): one forward over the decoder prompt (prompt_type src: the whole source), argmax of the label
+    tokens' first-token log-probs at the last position; accuracy, plus MCC for CoLA."""
+    name = "glue"
+    first_token_only = True
+
+    def predict(self, model, batch):
+        preds = self.choose(model, batch)
+        return [{"id": sid, "answer": a, "gold": next(iter(batch["ref_dict"][i]))}
+                for i, (sid, a) in enumerate(zip(_ids(batch), preds))]
+
+    def metrics(self, records):
+        from ofa_ds.metrics.simple import matthews_corr
+        recs = self.dedupe(records)
+        out = {"acc": sum(r["answer"] == r["gold"] for r in recs) / max(len(recs), 1), "n": len(recs)}
+        if self.kw.get("task") == "cola":
+            out["mcc"] = matthews_corr([r["answer"] for r in recs], [r["gold"] for r in recs])
+        return out
 
 
 class RefcocoEvaluator(Evaluator):
@@ -193,6 +216,8 @@ class GigawordEvaluator(Evaluator):
 
 EVALUATORS = {"caption": CaptionEvaluator, "vqa": VQAEvaluator, "snli_ve": SnliVeEvaluator,
               "imagenet": ImageNetEvaluator, "refcoco": RefcocoEvaluator, "gigaword": GigawordEvaluator}
+GLUE = ("cola", "sst2", "mrpc", "qqp", "mnli", "rte", "qnli")
+EVALUATORS.update({t: GlueEvaluator for t in GLUE})
 
 
 def make_evaluator(task_name: str, data_task, tokenizer, gen_overrides: Optional[dict] = None, **kw) -> Evaluator:
@@ -201,6 +226,8 @@ def make_evaluator(task_name: str, data_task, tokenizer, gen_overrides: Optional
     if task_name not in EVALUATORS:
         raise KeyError(f"no evaluator for task {task_name!r}; choose one of {sorted(EVALUATORS)}")
     cls = EVALUATORS[task_name]
+    if cls is GlueEvaluator:
+        return cls(tokenizer, list(data_task.answers), gen_overrides, task=task_name, **kw)
     if issubclass(cls, _AllCandidate):
         a2l = getattr(data_task, "ans2label", None)
         if not a2l:

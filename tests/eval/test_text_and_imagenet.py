@@ -1,5 +1,6 @@
-"""launch/evaluate.py's remaining tasks in-process: Gigaword (text only, beam 6 + ROUGE) and ImageNet (all-candidate
-over class names with a bos-only prompt) on small hand-written TSVs; main() prints the metrics JSON last."""
+"""launch/evaluate.py's remaining tasks in-process: Gigaword (text only, beam 6 + ROUGE), ImageNet (all-candidate
+over class names with a bos-only prompt) and GLUE (CoLA: constrained last-position argmax, accuracy + MCC) on small
+hand-written TSVs; main() prints the metrics JSON last."""
 import json
 
 from PIL import Image
@@ -40,3 +41,11 @@ def test_gigaword_and_imagenet(tmp_path, capsys):
     assert m["n"] == 2 and all(p["answer"] in classes for p in preds)
     assert [p["gold"] for p in preds] == ["goldfish", "tench"]
     assert m["acc"] == sum(p["answer"] == p["gold"] for p in preds) / 2
+    cola = tmp_path / "cola.tsv"
+    cola.write_text("0\tthe cat sat on the mat\t1\n1\tcat the mat on sat\t0\n2\tdogs bark\t1\n")
+    rc = evaluate_main(["--task", "cola", "--checkpoint", ckpt, "--data", str(cola), "--out", str(tmp_path / "c")])
+    assert rc == 0
+    m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    preds = json.load(open(tmp_path / "c" / "predictions.json"))
+    assert [p["gold"] for p in preds] == ["yes", "no", "yes"] and all(p["answer"] in ("yes", "no") for p in preds)
+    assert m["n"] == 3 and "mcc" in m and m["acc"] == sum(p["answer"] == p["gold"] for p in preds) / 3

@@ -109,3 +109,18 @@ def test_all_candidate_scores_match_dense_masks(model, batch):
     # a candidate outside the trie gets -inf; one chunk or many give the same scores
     s = score_candidates(model, enc, prompts, ANSWERS + [[900]], trie=trie, chunk_rows=1000)
     assert torch.isinf(s[:, -1]).all() and torch.allclose(s[:, :-1], got, atol=1e-5)
+
+
+def test_first_token_only_is_the_constrained_last_position(model, batch):
+    """GLUE: log-softmax over the trie's first tokens at the prompt's last position, nothing after it."""
+    enc = model.encode(batch["src_tokens"], batch["patch_images"], batch["patch_masks"])
+    prompts = [[0, 40, 41, 2], [0, 43, 2], [0, 2]]
+    labels = [[500], [600], [700]]
+    trie = Trie()
+    for a in labels:
+        trie.insert([0] + a + [2])
+    got = score_candidates(model, enc, prompts, labels, trie=trie, first_token_only=True)
+    for b, p in enumerate(prompts):
+        logits = model.decode(torch.tensor([p]), enc.index_select(torch.tensor([b])))[0, -1].float()
+        lp = torch.log_softmax(logits[[500, 600, 700]], -1)
+        torch.testing.assert_close(got[b], lp, atol=1e-5, rtol=0)

@@ -45,8 +45,15 @@ def test_iou_edge_cases():
         assert bool(hits[i]) == hit, i
 
 
-def test_accuracy():
+def test_accuracy_and_mcc():
+    from ofa_ds.metrics.simple import matthews_corr
     assert accuracy(["yes", "no", "maybe"], ["yes", "no", "no"]) == pytest.approx(2 / 3)
+    gold = ["yes", "no", "yes", "no", "yes"]
+    assert matthews_corr(gold, gold) == pytest.approx(1.0)
+    assert matthews_corr(["no" if g == "yes" else "yes" for g in gold], gold) == pytest.approx(-1.0)
+    assert matthews_corr(["yes"] * 5, gold) == 0.0                       # undefined (constant prediction) -> 0
+    # tp=2 tn=1 fp=1 fn=1: (2*1 - 1*1) / sqrt(3*3*2*2)
+    assert matthews_corr(["yes", "yes", "yes", "no", "no"], gold) == pytest.approx(1 / 6)
     with pytest.raises(ValueError):
         accuracy([1], [1, 2])
 
