@@ -119,6 +119,8 @@ def parse_args(argv=None):
     p.add_argument("--gen-args", default=None, help="JSON of generator options (OFA --eval-args keys)")
     p.add_argument("--vqa-mode", choices=["allcand", "beam"], default="allcand",
                    help="VQA / SNLI-VE / ImageNet: all-candidate scoring (paper numbers) or trie beam search")
+    p.add_argument("--zero-shot", action="store_true",
+                   help="VQA with a pretrained checkpoint (§8.5): free beam 20, no trie, prompt_type none")
     p.add_argument("--restrict-bins", action="store_true", help="RefCOCO: the 4 box tokens must be location bins")
     p.add_argument("--ans2label", default="", help="candidate answers (.json or OFA's .pkl) for VQA / ImageNet")
     p.add_argument("--selected-cols", default=None)
@@ -154,7 +156,8 @@ def main(argv=None) -> int:
     dcfg = DataConfig(task=args.task, data=args.data, selected_cols=args.selected_cols, batch_size=args.batch_size,
                       num_workers=args.num_workers, shuffle=False, equalize_shards=False, patch_image_size=size,
                       max_image_size=args.max_image_size, add_object=args.add_object,
-                      prompt_type=args.prompt_type or ("src" if args.task in GLUE else "prev_output"),
+                      prompt_type=args.prompt_type or ("src" if args.task in GLUE else
+                                                       "none" if args.zero_shot else "prev_output"),
                       add_caption=args.add_caption, ans2label_file=args.ans2label, bad_row_threshold=1.0)
     stream = DataStream(dcfg, split="valid", rank=rank, world=world)
     tok = get_tokenizer()
@@ -162,6 +165,7 @@ def main(argv=None) -> int:
     if args.beam is not None:
         gen["beam"] = args.beam
     ev = make_evaluator(args.task, stream.task, tok, gen, mode=args.vqa_mode, restrict_bins=args.restrict_bins,
+                        zero_shot=args.zero_shot,
                         max_image_size=args.max_image_size, caption_tokenizer=args.caption_tokenizer)
     t0 = time.time()
     model = load_model(args.checkpoint, ema=args.ema, preset_name=args.preset).to(device=device, dtype=dtype).eval()

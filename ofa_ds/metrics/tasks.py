@@ -87,6 +87,9 @@ class _AllCandidate(Evaluator):
     """Shared by VQA / SNLI-VE / ImageNet: argmax over every candidate's summed log-prob (§8.3)."""
 
     def __init__(self, tokenizer, answers: list[str], gen_overrides=None, mode: str = "allcand", **kw):
+        if kw.get("zero_shot"):                   # §8.5: free beam search (beam 20, unnormalised), no trie
+            mode = "beam"
+            self.defaults = "vqa_zero_shot"
         super().__init__(tokenizer, gen_overrides, **kw)
         self.answers = list(answers)
         self.cand_tokens = [tokenizer.encode(" " + a) for a in self.answers]
@@ -103,7 +106,8 @@ class _AllCandidate(Evaluator):
         prompts = self.prompts(batch)
         if self.mode == "beam":
             prefix = [p[1:] for p in prompts]
-            hyps = generate(model, batch, self.gen, prefix_tokens=prefix, trie=self.trie, sync=self.sync)
+            trie = None if self.kw.get("zero_shot") else self.trie
+            hyps = generate(model, batch, self.gen, prefix_tokens=prefix, trie=trie, sync=self.sync)
             return [self.tok.decode(strip_prefix(h[0], len(p))).strip() if h else "" for h, p in zip(hyps, prefix)]
         enc = model.encode(batch["src_tokens"], batch.get("patch_images"), batch.get("patch_masks"))
         scores = score_candidates(model, enc, prompts, self.cand_tokens, trie=self.trie, chunk_rows=self.chunk_rows,

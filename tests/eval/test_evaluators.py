@@ -26,6 +26,12 @@ def test_allcandidate_and_beam_answers_are_candidates(tmp_path):
             assert len(recs) == 4 and all(r["answer"] in ev.answers for r in recs)
             m = ev.metrics(recs + recs)                      # duplicates (wrapped shards) are counted once
             assert m["n"] == 4 and m["mode"] == mode
+    dtask, batch = _batch(tmp_path, "vqa")
+    zs = make_evaluator("vqa", dtask, tok, {"beam": 3, "max_len_b": 4}, zero_shot=True)
+    assert zs.mode == "beam" and not zs.gen.normalize_scores and zs.gen.beam == 3
+    recs = zs.predict(model, batch)                      # free generation: answers need not be candidates
+    assert len(recs) == 4 and all(isinstance(r["answer"], str) for r in recs)
+    assert any(r["answer"] not in zs.answers for r in recs)
 
 
 def test_metrics_on_ground_truth_and_wrong_predictions(tmp_path):
