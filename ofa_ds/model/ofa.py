@@ -47,11 +47,14 @@ class EncoderOut:
         return EncoderOut(self.hidden.index_select(0, order), pm, self.pos_embed.index_select(0, order))
 
 
+def _pos_heads(lin: nn.Linear, p: Tensor, heads: int) -> Tensor:
+    """Project position embeddings and split heads: [B, L, C] → [B, H, L, d]."""
+    return lin(p).unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
 def _abs_bias(q_lin: nn.Linear, k_lin: nn.Linear, pq: Tensor, pk: Tensor, heads: int, scaling: float) -> Tensor:
     """Per-head q·kᵀ of projected position embeddings: [B, Lq, C] × [B, Lk, C] → [B, H, Lq, Lk]."""
-    q = q_lin(pq).unflatten(-1, (heads, -1)).transpose(1, 2) * scaling
-    k = k_lin(pk).unflatten(-1, (heads, -1)).transpose(1, 2)
-    return torch.matmul(q, k.transpose(-1, -2))
+    return torch.matmul(_pos_heads(q_lin, pq, heads) * scaling, _pos_heads(k_lin, pk, heads).transpose(-1, -2))
 
 
 class Encoder(nn.Module):
@@ -177,8 +180,12 @@ class Decoder(nn.Module):
                                                                                    cfg.image_bucket_size))
 
     def embed(self, prev_output_tokens: Tensor, enc: EncoderOut, code_masks: Tensor | None = None,
-              start: int = 0) -> dict:
-        """Input embeddings of positions start… and the biases every layer shares (absolute self and cross)."""
+              start: int = 0, cache: dict | None = None) -> dict:
+        """Input embeddings of positions start… and the biases every layer shares (absolute self and cross).
+
+        With a generation `cache`, the key side of the cross bias (a function of the encoder output only) is
+        computed once and kept in cache["pos"]["cross"]["k"], shaped like the cross-attention K/V so that beam
+        reordering treats it alike."""
         b, T = prev_output_tokens.shape
         dev = prev_output_tokens.device
         heads, s = self.cfg.num_heads, self.pos_scaling
@@ -194,7 +201,14 @@ class Decoder(nn.Module):
         else:
             pos = self.pos_ln(tok_pos).expand(b, -1, -1)
         self_abs = _abs_bias(self.self_pos_q_linear, self.self_pos_k_linear, pos, pos, heads, s)
-        cross = _abs_bias(self.cross_pos_q_linear, self.cross_pos_k_linear, pos[:, start:], enc.pos_embed, heads, s)
+        kept = None if cache is None else cache.setdefault("pos", {}).setdefault("cross", {})
+        if kept is not None and "k" in kept:
+            cross_k = kept["k"]
+        else:
+            cross_k = _pos_heads(self.cross_pos_k_linear, enc.pos_embed, heads)                # [B, H, S, d]
+            if kept is not None:
+                kept["k"] = cross_k
+        cross = torch.matmul(_pos_heads(self.cross_pos_q_linear, pos[:, start:], heads) * s, cross_k.transpose(-1, -2))
         x = self.embed_tokens(prev_output_tokens[:, start:])
         if cm is None:
             x = self.layernorm_embedding(x)
@@ -222,7 +236,7 @@ class Decoder(nn.Module):
             start = cache.get("length", 0)
             if start >= prev_output_tokens.shape[1]:
                 raise ValueError(f"cache already holds {start} positions; give the prefix plus new tokens")
-        state = self.embed(prev_output_tokens, enc, code_masks, start)
+        state = self.embed(prev_output_tokens, enc, code_masks, start, cache)
         x = state["x"]
         for idx, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.setdefault(idx, {})
