@@ -96,7 +96,8 @@ def ds_config(strategy: str, batch: int) -> dict:
         # release every gathered parameter right after use (reuse distance 0): with DeepSpeed's default (1e9) a
         # rank keeps the whole gathered model alive between forward and backward, i.e. no ZeRO-3 saving on CPU
         z.update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=int(5e7),
-                 stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=int(2e7), reduce_bucket_size=int(2e7))
+                 stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=int(2e7), reduce_bucket_size=int(2e7),
+                 sub_group_size=int(5e7))     # the optimizer step makes fp32 copies per sub-group: keep them small
     if stage in (1, 2):
         z.update(reduce_bucket_size=int(5e7), allgather_bucket_size=int(5e7))
     if strategy == "zero3_offload":
@@ -106,6 +107,38 @@ def ds_config(strategy: str, batch: int) -> dict:
     if strategy == "zero3_offload":
         cfg["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-5, "weight_decay": 0.01}}
     return cfg
+
+
+def zero3_ofa_init(model) -> None:
+    """OFAModel.reset_parameters for a model built under zero.Init: each module's partitioned parameters are gathered
+    (one module at a time), initialised on rank 0 and re-partitioned."""
+    import deepspeed
+    import torch
+    from torch import nn
+    seen = set()
+    for name, m in model.named_modules():
+        own = [p for p in m.parameters(recurse=False) if id(p) not in seen]
+        if not own:
+            continue
+        seen.update(id(p) for p in own)
+        with deepspeed.zero.GatheredParameters(own, modifier_rank=0), torch.no_grad():
+            if ".embed_images" in name:
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                elif isinstance(m, nn.BatchNorm2d):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+                if m.padding_idx is not None:
+                    m.weight[m.padding_idx].zero_()
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
 
 
 def run_job(a) -> dict:
@@ -135,7 +168,7 @@ def run_job(a) -> dict:
     else:
         if a.strategy.startswith("zero3"):
             # OFAModel.reset_parameters runs after the submodules were partitioned; under zero.Init it would index
-            # empty tensors, so the benchmark keeps torch's default init (the numbers measured do not depend on it).
+            # empty tensors, so it is skipped here and zero3_ofa_init does the same init module by module.
             orig = OFAModel.reset_parameters
             OFAModel.reset_parameters = lambda self: None
             try:
@@ -143,6 +176,7 @@ def run_job(a) -> dict:
                     model = OFAModel(cfg)
             finally:
                 OFAModel.reset_parameters = orig
+            zero3_ofa_init(model)
         else:
             model = OFAModel(cfg)
         model.train()
@@ -156,8 +190,8 @@ def run_job(a) -> dict:
     if a.strategy != "zero3_offload":
         if a.optimizer == "adamw":
             opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, foreach=False)
-        else:   # 12 instead of 16 bytes per parameter, for when the machine is shared
-            opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, foreach=False)
+        else:   # 12 (momentum) or 8 bytes per parameter instead of 16, for when the machine is shared
+            opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9 if a.optimizer == "sgd" else 0.0, foreach=False)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params if opt is None else None,
                                            optimizer=opt, config=dcfg)
     init_s = time.time() - t0
@@ -384,8 +418,9 @@ def main(argv=None) -> int:
     r.add_argument("--ac", action="store_true", help="per-layer activation checkpointing")
     r.add_argument("--partition", default="parameters", help="pipeline partition_method")
     r.add_argument("--verbose", action="store_true", help="print each rank's RSS every 5 s")
-    r.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
-                   help="sgd = SGD with momentum (12 instead of 16 bytes of model state per parameter)")
+    r.add_argument("--optimizer", choices=("adamw", "sgd", "sgd_plain"), default="adamw",
+                   help="sgd = SGD with momentum 0.9 (12 instead of 16 bytes of model state per parameter), "
+                        "sgd_plain = no momentum (8 bytes)")
     s = sub.choices["sweep"]
     s.add_argument("--presets", default="tiny,medium")
     s.add_argument("--strategies", default=",".join(STRATEGIES))
