@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # OFA-Huge (929M parameters) trained for 2 optimizer steps on this machine's two CPU ranks (ZeRO-3, parameters/gradients/Adam states sharded over both ranks),
-# fp32 + AdamW, batch 1, 64 px image (16 patches), 16 source / 16 target tokens. Prints per-rank peak RSS and wall time
-# (MEMROW/RANKS lines) and appends a row to benchmarks/results/memory.csv. Needs ~17 GiB free RAM: run it alone.
+# fp32, batch 1, 64 px image (16 patches), 16 source / 16 target tokens. Prints per-rank peak RSS and wall time
+# (MEMROW/RANKS lines) and appends a row to benchmarks/results/memory.csv. SGD with momentum by default: it peaks at
+# 8.8 GiB per rank (~18 GiB free RAM needed); `--optimizer adamw` needs ~21 GiB, i.e. an otherwise idle machine.
 # Extra arguments go to bench_memory.py run (e.g. --ac for per-layer activation checkpointing, --steps 3, --image 128).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,4 +14,4 @@ PORT=${MASTER_PORT:-29613}
 # DeepSpeed's CPU shared-memory all-reduce leaves one 66 MB /dev/shm file per rank behind: remove ours on exit
 trap 'rm -f /dev/shm/deepspeed_allreduce_buffer_*_${PORT}_*' EXIT
 deepspeed --num_gpus 2 --master_port ${PORT} benchmarks/bench_memory.py run \
-    --preset huge --strategy zero3 --steps 2 --image 64 --batch 1 "$@"
+    --preset huge --strategy zero3 --steps 2 --image 64 --batch 1 --optimizer sgd "$@"
