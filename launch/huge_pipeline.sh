@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# OFA-Huge (929M parameters) trained for 2 optimizer steps on this machine's two CPU ranks (2-stage pipeline, 12+ layers per rank, ZeRO-0),
-# fp32 + AdamW, batch 1, 64 px image (16 patches), 16 source / 16 target tokens. Prints per-rank peak RSS and wall time
-# (MEMROW/RANKS lines) and appends a row to benchmarks/results/memory.csv. Peaks at 9.8 GiB per rank: needs ~20 GiB free.
-# Extra arguments go to bench_memory.py run (e.g. --ac for per-layer activation checkpointing, --steps 3, --image 128).
+# OFA-Huge (929M parameters) trained for 2 optimizer steps on this machine's two CPU ranks (2-stage pipeline, split
+# after position 20 of 43, ZeRO-0), fp32 + AdamW, batch 1, 64 px image (16 patches), 16 source / 16 target tokens. Prints per-
+# rank peak RSS and wall time (MEMROW/RANKS lines) and appends a row to benchmarks/results/memory.csv. Peaks at 9.8
+# GiB per rank: needs ~20 GiB free. Extra arguments go to bench_memory.py run (e.g. --ac for per-layer activation
+# checkpointing, --steps 3, --image 128).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

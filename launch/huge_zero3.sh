@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# OFA-Huge (929M parameters) trained for 2 optimizer steps on this machine's two CPU ranks (ZeRO-3, parameters, gradients and optimizer states sharded over both ranks),
-# fp32, batch 1, 64 px image (16 patches), 16 source / 16 target tokens. Prints per-rank peak RSS and wall time
-# (MEMROW/RANKS lines) and appends a row to benchmarks/results/memory.csv. SGD with momentum by default: it peaks at
-# 8.8 GiB per rank (~18 GiB free RAM needed); `--optimizer adamw` reached 10.5 GiB per rank (needs ~22 GiB: more than this shared box has).
-# Extra arguments go to bench_memory.py run (e.g. --ac for per-layer activation checkpointing, --steps 3, --image 128).
+# OFA-Huge (929M parameters) trained for 2 optimizer steps on this machine's two CPU ranks (ZeRO-3, parameters,
+# gradients and optimizer states sharded over both ranks), fp32, batch 1, 64 px image (16 patches), 16 source / 16
+# target tokens. Prints per-rank peak RSS and wall time (MEMROW/RANKS lines) and appends a row to
+# benchmarks/results/memory.csv. SGD with momentum by default: it peaks at 8.8 GiB per rank (~18 GiB free RAM needed);
+# `--optimizer adamw` reached 10.5 GiB per rank (needs ~22 GiB: more than this shared box has). Extra arguments go to
+# bench_memory.py run (e.g. --ac for per-layer activation checkpointing, --steps 3, --image 128).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
