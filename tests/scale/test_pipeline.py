@@ -64,9 +64,11 @@ def test_names_cover_every_official_key():
                "decoder.token_rp_bucket", "decoder.image_rp_bucket", "decoder.image_position_idx"}
     m = dense_key_to_pipe(cfg)
     assert set(m) == dense - derived
+    tied = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "decoder.output_projection.weight"}
     for name, (idx, local) in m.items():
         back = pipe_key_to_dense(cfg, idx, local)
-        assert back == name or (idx == 0 and name.endswith("embed_tokens.weight") or "output_projection" in name)
+        assert back == ("encoder.embed_tokens.weight" if name in tied else name)
+        assert (idx, local) == (0, "weight") or name not in tied
     assert len(layer_roles(cfg)) == 2 + 2 + 1 + 2 + 3 + 2
     assert pipe_to_dense_names(cfg)["tied_modules.embed.weight"] == "encoder.embed_tokens.weight"
 
