@@ -67,7 +67,8 @@ def row(a, name: str, stage, prec: str, world: int, times: list[float], tot: dic
     return {**base_row(), "preset": a.preset, "recipe": a.recipe, "ds_config": name, "zero_stage": stage,
             "precision": prec, "world_size": world, "micro_bs": a.batch_size, "grad_accum": 1,
             "image_size": a.image_size, "steps": len(times), "threads": torch.get_num_threads(),
-            "samples_per_s": round(tot["samples"] * world / secs, 3), "tokens_per_s": round(tot["tokens"] * world / secs, 1),
+            "samples_per_s": round(tot["samples"] * world / secs, 3),
+            "tokens_per_s": round(tot["tokens"] * world / secs, 1),
             "tflops_per_gpu": round(tflops, 5), "mfu": round(tflops / peak, 4) if peak else "",
             "peak_mem_gib": round(peak_mem_gib(), 3), "step_ms": round(p50, 1),
             "ratio_vs_plain": round(p50 / plain_ms, 3) if plain_ms else ""}

@@ -223,7 +223,8 @@ class TrainConfig:
         if self.loss not in ("ce", "encouraging"):
             raise ValueError(f"train.loss must be 'ce' or 'encouraging', got {self.loss!r}")
         if self.max_steps < 1 or self.grad_accum < 1:
-            raise ValueError(f"train.max_steps ({self.max_steps}) and train.grad_accum ({self.grad_accum}) must be >= 1")
+            raise ValueError(f"train.max_steps ({self.max_steps}) and train.grad_accum ({self.grad_accum}) "
+                             "must be >= 1")
         if not 0 <= self.drop_worst_ratio < 1 or not 0 <= self.drop_best_ratio < 1:
             raise ValueError("train.drop_worst_ratio / drop_best_ratio must be in [0, 1)")
 

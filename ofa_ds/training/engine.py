@@ -203,7 +203,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 
 def polynomial_lambda(max_steps: int, warmup: int, lr: float, end_lr: float, power: float):
-    """OFA's polynomial_decay schedule as a LambdaLR factor: linear warmup from 0, then (lr−end)·(1−p)^power + end."""
+    """OFA's polynomial_decay as a LambdaLR factor: linear warmup from 0, then (lr−end)·(1−p)^power + end."""
     def f(step: int) -> float:
         if warmup > 0 and step < warmup:
             return step / warmup

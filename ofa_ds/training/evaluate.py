@@ -51,7 +51,7 @@ def net_input(batch: dict) -> dict:
     return {k: batch.get(k) for k in NET_KEYS}
 
 
-# ---- collective helpers (work without torch.distributed too) --------------------------------------------------------
+# ---- collective helpers (work without torch.distributed too) ---------------------------------------------------------
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -70,7 +70,7 @@ def gather_records(records: list[dict]) -> list[dict]:
     return out
 
 
-# ---- scoring primitives ---------------------------------------------------------------------------------------------
+# ---- scoring primitives ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def candidate_scores(model, batch: dict, candidates: list[list[int]], prompts: list[list[int]],
                      max_floats: int = 64_000_000) -> torch.Tensor:
@@ -101,7 +101,8 @@ def candidate_scores(model, batch: dict, candidates: list[list[int]], prompts: l
 
 
 @torch.no_grad()
-def greedy(model, batch: dict, steps: int, allowed: torch.Tensor | None = None, force_len: bool = False) -> list[list[int]]:
+def greedy(model, batch: dict, steps: int, allowed: torch.Tensor | None = None,
+           force_len: bool = False) -> list[list[int]]:
     """Greedy decoding from bos for exactly `steps` steps (lockstep across ranks). `allowed` Bool[V] restricts the
     vocabulary; with force_len eos is never chosen. Returns the tokens before the first eos per sample."""
     enc = model.encode(batch["src_tokens"], batch.get("patch_images"), batch.get("patch_masks"))
@@ -140,7 +141,7 @@ def batch_loss(model, batch: Any, eps: float, sample_patch_num: int | None = Non
     return float(out.loss), out.sample_size
 
 
-# ---- metrics ----------------------------------------------------------------------------------------------------------
+# ---- metrics ---------------------------------------------------------------------------------------------------------
 def iou(a, b) -> tuple[float, bool]:
     """IoU of two (x0, y0, x1, y1) boxes and whether the intersection has positive width and height (§9)."""
     iw, ih = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
@@ -158,7 +159,7 @@ def cider(hyps: list[str], refs: list[list[str]]) -> float:
     return CiderD().compute([caption_words(h) for h in hyps], [[caption_words(r) for r in rs] for rs in refs])[0]
 
 
-# ---- trivial baselines from training files ----------------------------------------------------------------------------
+# ---- trivial baselines from training files ---------------------------------------------------------------------------
 def _column(path: str, col: int, limit: int = 200_000) -> list[str]:
     out = []
     with open(path, encoding="utf-8") as f:
@@ -216,9 +217,10 @@ def summarise(task: str, records: list[dict], baseline: Any, tok) -> dict[str, f
     return out
 
 
-# ---- one task ---------------------------------------------------------------------------------------------------------
+# ---- one task --------------------------------------------------------------------------------------------------------
 def evaluate_task(model, task: str, batches, tok, *, device, dtype, max_len: int, num_bins: int,
-                  max_image_size: int, candidates: dict[str, int] | None, eps: float) -> tuple[list[dict], float, float]:
+                  max_image_size: int, candidates: dict[str, int] | None,
+                  eps: float) -> tuple[list[dict], float, float]:
     """Per-sample records of this rank plus (summed loss, sample size) of its batches."""
     records: list[dict] = []
     loss_sum, size = 0.0, 0.0
