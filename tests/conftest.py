@@ -20,3 +20,19 @@ def _seed():
 @pytest.fixture
 def assets_dir() -> str:
     return ASSETS
+
+
+_SESSION_START = __import__("time").time()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """DeepSpeed's CPU all-reduce leaves a shared-memory buffer (/dev/shm, ~66 MB) per rank and job; remove the
+    ones this test session created so repeated runs do not fill the machine's RAM."""
+    import glob
+
+    for path in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
+        try:
+            if os.path.getmtime(path) >= _SESSION_START - 1:
+                os.remove(path)
+        except OSError:
+            pass
