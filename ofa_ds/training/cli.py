@@ -63,9 +63,20 @@ def main(argv: list[str] | None = None, default_recipe: str = "default", descrip
     except (ConfigMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    _shutdown_distributed()
     if int(os.environ.get("RANK", "0")) == 0:
         emit_last_line(json.dumps(report, sort_keys=True))
     return 0
+
+
+def _shutdown_distributed() -> None:
+    """Tear the process group down before the interpreter exits: a gloo group still alive at exit can abort
+    the process ("terminate called without an active exception") after a successful run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _under_ds_launcher() -> int | None:
