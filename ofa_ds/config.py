@@ -195,6 +195,8 @@ class TrainConfig:
     """Pretraining pairs: image tokens kept per v1 sample (OFA 196); 0 = all."""
     freeze_embeddings: bool = False
     """Freeze the shared token table (OFA's --freeze-encoder-embedding --freeze-decoder-embedding)."""
+    activation_checkpointing: bool = False
+    """Recompute each encoder/decoder layer in the backward pass instead of keeping its activations."""
     init: str = ""
     """Initial weights: an official .pt, a converted folder (config.json + weights) or one of our run folders."""
     seed: int = 1

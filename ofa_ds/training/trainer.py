@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Iterator
 
@@ -83,6 +84,11 @@ class Trainer:
         model = build_model(run)
         if run.train.freeze_embeddings:
             model.encoder.embed_tokens.weight.requires_grad_(False)
+        if run.train.activation_checkpointing:
+            from ofa_ds.training.activation_checkpoint import set_activation_checkpointing
+            n = set_activation_checkpointing(model, True)
+            if self.rank == 0:
+                print(f"activation checkpointing on {n} layers", file=sys.stderr, flush=True)
         self.ds_cfg = E.build_ds_config(run.ds_config, run, self.world)
         self.precision = E.resolve_precision(run.train.precision, self.ds_cfg)
         run.train.precision = self.precision
