@@ -115,6 +115,8 @@ def zero3_ofa_init(model) -> None:
     import deepspeed
     import torch
     from torch import nn
+
+    from ofa_ds.model.ofa import bert_init_
     seen = set()
     for name, m in model.named_modules():
         own = [p for p in m.parameters(recurse=False) if id(p) not in seen]
@@ -128,17 +130,8 @@ def zero3_ofa_init(model) -> None:
                 elif isinstance(m, nn.BatchNorm2d):
                     nn.init.ones_(m.weight)
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=0.02)
-                if m.padding_idx is not None:
-                    m.weight[m.padding_idx].zero_()
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            else:
+                bert_init_(m)
 
 
 def run_job(a) -> dict:

@@ -259,6 +259,22 @@ def reorder_cache(cache: dict, order: Tensor) -> None:
                     kind[name] = kind[name].index_select(0, order)
 
 
+@torch.no_grad()
+def bert_init_(m: nn.Module) -> None:
+    """OFA's init of one module, not recursive: Linear/Embedding N(0, 0.02) (padding row 0, bias 0), LayerNorm (1, 0)."""
+    if isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, std=0.02)
+        if m.padding_idx is not None:
+            m.weight[m.padding_idx].zero_()
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 class OFAModel(nn.Module):
     """OFA: `model(src_tokens, patch_images, patch_masks, prev_output_tokens)` → logits [B, T, V].
 
@@ -278,19 +294,8 @@ class OFAModel(nn.Module):
     def reset_parameters(self) -> None:
         """OFA's BERT-style init (§4.9): Linear/Embedding N(0, 0.02), padding row 0, LayerNorm (1, 0), ResNet kaiming."""
         for name, m in self.named_modules():
-            if ".embed_images" in name or name.endswith("embed_images"):
-                continue
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=0.02)
-                if m.padding_idx is not None:
-                    m.weight[m.padding_idx].zero_()
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            if not (".embed_images" in name or name.endswith("embed_images")):
+                bert_init_(m)
         self.encoder.embed_images.reset_parameters()
 
     def encode(self, src_tokens: Tensor, patch_images: Tensor | None = None, patch_masks: Tensor | None = None,

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from ofa_ds.config import ModelConfig
 from ofa_ds.model.layers import DecoderLayer, EncoderLayer, LayerNorm
-from ofa_ds.model.ofa import PAD, Decoder, Encoder, EncoderOut
+from ofa_ds.model.ofa import PAD, Decoder, Encoder, EncoderOut, bert_init_
 from ofa_ds.model.positions import make_decoder_image_position_idx, make_image_rp_bucket, make_token_rp_bucket
 from ofa_ds.model.resnet import ResNet, linspace
 
@@ -495,19 +495,8 @@ def reset_parameters(module) -> None:
     for name, m in module.named_modules():
         if isinstance(m, ResNet):
             m.reset_parameters()
-        elif ".embed_images." in name:
-            continue
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
-            if m.padding_idx is not None:
-                m.weight[m.padding_idx].zero_()
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        elif ".embed_images." not in name:
+            bert_init_(m)
     module._synchronize_tied_weights()
 
 
