@@ -17,7 +17,8 @@ from typing import Any, Literal
 KernelBackend = Literal["torch", "triton", "auto"]
 
 
-def _check_keys(cls: type, data: dict[str, Any], where: str) -> None:
+def check_keys(cls: type, data: dict[str, Any], where: str) -> None:
+    """Raise naming every key of `data` that is not a field of dataclass `cls`."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -107,7 +108,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "ModelConfig") -> "ModelConfig":
-        _check_keys(cls, data, where)
+        check_keys(cls, data, where)
         return cls(**data)
 
     @classmethod
@@ -297,9 +298,9 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "RunConfig") -> "RunConfig":
         from ofa_ds.data.config import DataConfig
-        _check_keys(cls, d, where)
+        check_keys(cls, d, where)
         for key, sub in (("train", TrainConfig), ("eval", EvalConfig)):
-            _check_keys(sub, d.get(key, {}), f"{where}.{key}")
+            check_keys(sub, d.get(key, {}), f"{where}.{key}")
         return cls(name=d.get("name", "run"), out_dir=d.get("out_dir", "runs/default"),
                    ds_config=d.get("ds_config", "ds_configs/cpu_fp32.json"),
                    synthetic_root=d.get("synthetic_root", ""),

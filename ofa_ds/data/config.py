@@ -95,10 +95,8 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "DataConfig") -> "DataConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown DataConfig field(s) {unknown}; known fields: {sorted(known)}")
+        from ofa_ds.config import check_keys
+        check_keys(cls, data, where)
         return cls(**data)
 
     @classmethod

@@ -57,6 +57,40 @@ def _abs_bias(q_lin: nn.Linear, k_lin: nn.Linear, pq: Tensor, pk: Tensor, heads:
     return torch.matmul(_pos_heads(q_lin, pq, heads) * scaling, _pos_heads(k_lin, pk, heads).transpose(-1, -2))
 
 
+def add_encoder_embeddings(m: nn.Module, cfg: ModelConfig) -> None:
+    """The encoder's embedding modules except the token table (names = official keys). Shared with the pipeline
+    stage that embeds the encoder input, so both build the same modules in the same order."""
+    c, be = cfg.d_model, cfg.kernel_backend
+    m.layernorm_embedding = LayerNorm(c, be)
+    m.type_embedding = nn.Embedding(2, c)
+    m.embed_images = ResNet(cfg.resnet_layers, cfg.frozen_bn, cfg.resnet_drop_path_rate)
+    m.image_proj = nn.Linear(1024, c)
+    m.patch_layernorm_embedding = LayerNorm(c, be)
+    m.embed_positions = nn.Embedding(cfg.max_source_positions + 2, c)
+    m.embed_image_positions = nn.Embedding(cfg.image_bucket_size ** 2 + 1, c)
+    m.pos_ln = LayerNorm(c, be)
+    m.image_pos_ln = LayerNorm(c, be)
+    m.pos_q_linear = nn.Linear(c, c)
+    m.pos_k_linear = nn.Linear(c, c)
+    m.pos_scaling = (cfg.head_dim * cfg.attn_scale_factor) ** -0.5
+
+
+def add_decoder_embeddings(m: nn.Module, cfg: ModelConfig) -> None:
+    """The decoder's embedding and position-bias modules except the token table (shared with the pipeline)."""
+    c, be = cfg.d_model, cfg.kernel_backend
+    m.layernorm_embedding = LayerNorm(c, be)
+    m.embed_positions = nn.Embedding(cfg.max_target_positions + 2, c)
+    m.embed_image_positions = nn.Embedding(cfg.image_bucket_size ** 2 + 1, c)
+    m.pos_ln = LayerNorm(c, be)
+    m.image_pos_ln = LayerNorm(c, be)
+    m.self_pos_q_linear = nn.Linear(c, c)
+    m.self_pos_k_linear = nn.Linear(c, c)
+    m.cross_pos_q_linear = nn.Linear(c, c)
+    m.cross_pos_k_linear = nn.Linear(c, c)
+    m.code_layernorm_embedding = LayerNorm(c, be)
+    m.pos_scaling = (cfg.head_dim * cfg.attn_scale_factor) ** -0.5
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig, embed_tokens: nn.Embedding):
         super().__init__()
@@ -64,18 +98,7 @@ class Encoder(nn.Module):
         self.cfg = cfg
         self.register_buffer("version", torch.tensor([3.0]))
         self.embed_tokens = embed_tokens
-        self.layernorm_embedding = LayerNorm(c, be)
-        self.type_embedding = nn.Embedding(2, c)
-        self.embed_images = ResNet(cfg.resnet_layers, cfg.frozen_bn, cfg.resnet_drop_path_rate)
-        self.image_proj = nn.Linear(1024, c)
-        self.patch_layernorm_embedding = LayerNorm(c, be)
-        self.embed_positions = nn.Embedding(cfg.max_source_positions + 2, c)
-        self.embed_image_positions = nn.Embedding(cfg.image_bucket_size ** 2 + 1, c)
-        self.pos_ln = LayerNorm(c, be)
-        self.image_pos_ln = LayerNorm(c, be)
-        self.pos_q_linear = nn.Linear(c, c)
-        self.pos_k_linear = nn.Linear(c, c)
-        self.pos_scaling = (cfg.head_dim * cfg.attn_scale_factor) ** -0.5
+        add_encoder_embeddings(self, cfg)
         rates = linspace(cfg.encoder_drop_path_rate, cfg.encoder_layers)
         self.layers = nn.ModuleList(EncoderLayer(cfg, r) for r in rates)
         self.layer_norm = LayerNorm(c, be)
@@ -153,17 +176,7 @@ class Decoder(nn.Module):
         self.cfg = cfg
         self.register_buffer("version", torch.tensor([3.0]))
         self.embed_tokens = embed_tokens
-        self.layernorm_embedding = LayerNorm(c, be)
-        self.embed_positions = nn.Embedding(cfg.max_target_positions + 2, c)
-        self.embed_image_positions = nn.Embedding(cfg.image_bucket_size ** 2 + 1, c)
-        self.pos_ln = LayerNorm(c, be)
-        self.image_pos_ln = LayerNorm(c, be)
-        self.self_pos_q_linear = nn.Linear(c, c)
-        self.self_pos_k_linear = nn.Linear(c, c)
-        self.cross_pos_q_linear = nn.Linear(c, c)
-        self.cross_pos_k_linear = nn.Linear(c, c)
-        self.code_layernorm_embedding = LayerNorm(c, be)
-        self.pos_scaling = (cfg.head_dim * cfg.attn_scale_factor) ** -0.5
+        add_decoder_embeddings(self, cfg)
         rates = linspace(cfg.decoder_drop_path_rate, cfg.decoder_layers)
         self.layers = nn.ModuleList(DecoderLayer(cfg, r) for r in rates)
         self.layer_norm = LayerNorm(c, be)

@@ -43,7 +43,8 @@ from torch import Tensor, nn
 
 from ofa_ds.config import ModelConfig
 from ofa_ds.model.layers import DecoderLayer, EncoderLayer, LayerNorm
-from ofa_ds.model.ofa import PAD, Decoder, Encoder, EncoderOut, bert_init_
+from ofa_ds.model.ofa import (PAD, Decoder, Encoder, EncoderOut, add_decoder_embeddings, add_encoder_embeddings,
+                              bert_init_)
 from ofa_ds.model.positions import make_decoder_image_position_idx, make_image_rp_bucket, make_token_rp_bucket
 from ofa_ds.model.resnet import ResNet, linspace
 
@@ -122,21 +123,9 @@ class EncoderEmbedPipe(nn.Module):
 
     def __init__(self, cfg: ModelConfig, sample_patch_num: int | None = None):
         super().__init__()
-        c, be = cfg.d_model, cfg.kernel_backend
         self.cfg = cfg
         self.sample_patch_num = sample_patch_num
-        self.layernorm_embedding = LayerNorm(c, be)
-        self.type_embedding = nn.Embedding(2, c)
-        self.embed_images = ResNet(cfg.resnet_layers, cfg.frozen_bn, cfg.resnet_drop_path_rate)
-        self.image_proj = nn.Linear(1024, c)
-        self.patch_layernorm_embedding = LayerNorm(c, be)
-        self.embed_positions = nn.Embedding(cfg.max_source_positions + 2, c)
-        self.embed_image_positions = nn.Embedding(cfg.image_bucket_size ** 2 + 1, c)
-        self.pos_ln = LayerNorm(c, be)
-        self.image_pos_ln = LayerNorm(c, be)
-        self.pos_q_linear = nn.Linear(c, c)
-        self.pos_k_linear = nn.Linear(c, c)
-        self.pos_scaling = (cfg.head_dim * cfg.attn_scale_factor) ** -0.5
+        add_encoder_embeddings(self, cfg)
 
     def forward(self, inputs: tuple) -> tuple:
         tok, src, img, pmask, prev, cm = inputs
@@ -208,19 +197,8 @@ class DecoderEmbedPipe(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        c, be = cfg.d_model, cfg.kernel_backend
         self.cfg = cfg
-        self.layernorm_embedding = LayerNorm(c, be)
-        self.embed_positions = nn.Embedding(cfg.max_target_positions + 2, c)
-        self.embed_image_positions = nn.Embedding(cfg.image_bucket_size ** 2 + 1, c)
-        self.pos_ln = LayerNorm(c, be)
-        self.image_pos_ln = LayerNorm(c, be)
-        self.self_pos_q_linear = nn.Linear(c, c)
-        self.self_pos_k_linear = nn.Linear(c, c)
-        self.cross_pos_q_linear = nn.Linear(c, c)
-        self.cross_pos_k_linear = nn.Linear(c, c)
-        self.code_layernorm_embedding = LayerNorm(c, be)
-        self.pos_scaling = (cfg.head_dim * cfg.attn_scale_factor) ** -0.5
+        add_decoder_embeddings(self, cfg)
 
     def forward(self, inputs: tuple) -> tuple:
         tok, enc, pos, pad, prev, cm = inputs
