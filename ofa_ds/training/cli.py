@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None, default_recipe: str = "default", descrip
         print(run.to_json())
         return 0
     from ofa_ds.training.engine import ConfigMismatch
-    from ofa_ds.training.trainer import Trainer
+    from ofa_ds.training.trainer import trainer_for
     try:
-        report = Trainer(run, resume=a.resume).run()
+        report = trainer_for(run, resume=a.resume).run()     # a "pipeline" block in the ds_config picks PipeTrainer
     except (ConfigMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

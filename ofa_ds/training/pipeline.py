@@ -398,7 +398,7 @@ def batch_to_pipe(batch: dict, weight: float | None = None) -> tuple[tuple[Tenso
     src = batch["src_tokens"]
     b = src.shape[0]
     img = batch.get("patch_images")
-    img = torch.zeros(b, 0) if img is None else img.float()
+    img = torch.zeros(b, 0) if img is None else (img if img.is_floating_point() else img.float())  # keeps bf16
     pm = batch.get("patch_masks")
     pm = torch.ones(b, dtype=torch.long) if pm is None else pm.long()
     cm = batch.get("code_masks")

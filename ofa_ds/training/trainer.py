@@ -44,24 +44,44 @@ def _all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
     return t.tolist()
 
 
-def build_model(run: RunConfig) -> OFAModel:
-    """A fresh OFA model, or the weights named by train.init (official .pt, exported folder, or one of our runs)."""
-    torch.manual_seed(run.train.seed)
+def init_source(run: RunConfig) -> tuple[str, dict[str, Any]] | None:
+    """(path, ModelConfig overrides) of the weights named by train.init, or None for a fresh model: an official .pt,
+    an exported folder, or one of our run folders (its final/ folder). The overrides keep this run's dropout and
+    kernel settings; the checkpoint decides the architecture."""
     init = run.train.init
     if not init:
-        return TrainingOFA(run.model)
-    from ofa_ds.checkpoint import load_any
+        return None
     if os.path.isdir(init) and os.path.isdir(os.path.join(init, "final")):
         init = os.path.join(init, "final")
     keep = {k: getattr(run.model, k) for k in ("dropout", "attention_dropout", "activation_dropout",
                                               "encoder_drop_path_rate", "decoder_drop_path_rate",
                                               "resnet_drop_path_rate", "kernel_backend", "frozen_bn")}
-    model = load_any(init, **keep)
+    return init, keep
+
+
+def build_model(run: RunConfig) -> OFAModel:
+    """A fresh OFA model, or the weights named by train.init (official .pt, exported folder, or one of our runs)."""
+    torch.manual_seed(run.train.seed)
+    src = init_source(run)
+    if src is None:
+        return TrainingOFA(run.model)
+    from ofa_ds.checkpoint import load_any
+    model = load_any(src[0], **src[1])
     run.model = model.cfg          # the checkpoint decides the architecture; the resolved config records it
     return as_training_model(model).train()
 
 
+def trainer_for(run: RunConfig, resume: bool = False) -> "Trainer":
+    """The pipeline-parallel trainer when the run's DeepSpeed JSON has a "pipeline" block, else the dense one."""
+    from ofa_ds.training.pipe_trainer import PipeTrainer, has_pipeline_block
+    return (PipeTrainer if has_pipeline_block(run.ds_config) else Trainer)(run, resume=resume)
+
+
 class Trainer:
+    shard_copies = 1
+    """How many ranks read the same data shard (the pipeline trainer: one per stage); global sums of per-rank
+    counts (samples, tokens, FLOPs, bad rows) are divided by it."""
+
     def __init__(self, run: RunConfig, resume: bool = False):
         self.run_cfg = run
         self.resume = resume
@@ -93,28 +113,35 @@ class Trainer:
         self.precision = E.resolve_precision(run.train.precision, self.ds_cfg)
         run.train.precision = self.precision
         self.dtype = DTYPES[self.precision]
-        if self.rank == 0:
-            os.makedirs(self.out, exist_ok=True)
-            with open(os.path.join(self.out, "config.json"), "w") as f:
-                f.write(run.to_json() + "\n")
-            with open(os.path.join(self.out, "ds_config.json"), "w") as f:
-                json.dump(self.ds_cfg, f, indent=2, sort_keys=True)
+        self._write_run_files()
         self.engine = E.initialize(model, run, self.ds_cfg)
         self.zero = E.zero_stage(self.ds_cfg)
         self.model_cfg = run.model
+        self._maybe_resume()
+        self.eval_sets = self._eval_sets(self.rank, self.world)
+        self.peak = device_peak_tflops(self.precision)
+
+    def _write_run_files(self) -> None:
+        if self.rank == 0:
+            os.makedirs(self.out, exist_ok=True)
+            with open(os.path.join(self.out, "config.json"), "w") as f:
+                f.write(self.run_cfg.to_json() + "\n")
+            with open(os.path.join(self.out, "ds_config.json"), "w") as f:
+                json.dump(self.ds_cfg, f, indent=2, sort_keys=True)
+
+    def _maybe_resume(self) -> None:
         self.step = 0
         self.skipped = 0
-        if self.resume:
-            tag = E.find_resume_tag(self.ckpt_dir)
-            if tag is None:
-                raise FileNotFoundError(f"--resume: no complete checkpoint under {self.ckpt_dir}")
-            client = E.load_checkpoint(self.engine, self.ckpt_dir, tag)
-            self.stream.load_state_dict(client["data"])
-            self.step, self.skipped = int(client["step"]), int(client.get("skipped", 0))
-            if self.rank == 0:
-                print(f"resumed from {os.path.join(self.ckpt_dir, tag)} at step {self.step}", flush=True)
-        self.eval_sets = self._eval_sets()
-        self.peak = device_peak_tflops(self.precision)
+        if not self.resume:
+            return
+        tag = E.find_resume_tag(self.ckpt_dir)
+        if tag is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {self.ckpt_dir}")
+        client = E.load_checkpoint(self.engine, self.ckpt_dir, tag)
+        self.stream.load_state_dict(client["data"])
+        self.step, self.skipped = int(client["step"]), int(client.get("skipped", 0))
+        if self.rank == 0:
+            print(f"resumed from {os.path.join(self.ckpt_dir, tag)} at step {self.step}", flush=True)
 
     def _ensure_synthetic(self, root: str) -> None:
         if self.rank == 0 and not os.path.isfile(os.path.join(root, "manifest.json")):
@@ -123,8 +150,8 @@ class Trainer:
             generate(root)
         dist.barrier()
 
-    def _eval_sets(self) -> dict[str, dict]:
-        """Per task: this rank's share of the held-out batches (kept in memory), candidates and baseline."""
+    def _eval_sets(self, rank: int, world: int) -> dict[str, dict]:
+        """Per task: shard `rank` of `world` of the held-out batches (kept in memory), candidates and baseline."""
         import dataclasses
         from ofa_ds.data import DataStream
         run, ev = self.run_cfg, self.run_cfg.eval
@@ -140,8 +167,8 @@ class Trainer:
             if task == "vqa":
                 kw["ans2label_file"] = ev.vqa_answers or run.data.ans2label_file
             dc = dataclasses.replace(run.data, **kw)
-            st = DataStream(dc, "valid", self.rank, self.world)
-            n = EV.num_eval_batches(ev.max_samples, ev.batch_size, self.world, len(st))
+            st = DataStream(dc, "valid", rank, world)
+            n = EV.num_eval_batches(ev.max_samples, ev.batch_size, world, len(st))
             batches = []
             for i, b in enumerate(st):
                 batches.append(b)
@@ -306,6 +333,7 @@ class Trainer:
                     log.log_eval(self.step, self.evaluate())
             if t.save_final and (last_tag is None or last_tag != E.tag_for(self.step)):
                 last_tag = self._save()
+            self._finish_training(last_tag)
             if self.eval_sets:
                 final_eval = self.evaluate()
                 log.log_eval(self.step, final_eval)
@@ -313,8 +341,7 @@ class Trainer:
                 self._export(last_tag)
         finally:
             log.close()
-        report = {**final_eval, "steps": self.step, "train_loss_last": self._last_loss,
-                  "world_size": self.world, "precision": self.precision, "zero_stage": E.zero_stage(self.ds_cfg),
+        report = {**final_eval, "steps": self.step, "train_loss_last": self._last_loss, **self._facts(),
                   "wall_s": round(time.time() - t_start, 1)}
         if self.rank == 0:
             with open(os.path.join(self.out, "eval.json"), "w") as f:
@@ -323,10 +350,17 @@ class Trainer:
 
     _last_loss: float | None = None
 
+    def _facts(self) -> dict[str, Any]:
+        """Run facts for the final report (eval.json and the last output line)."""
+        return {"world_size": self.world, "precision": self.precision, "zero_stage": E.zero_stage(self.ds_cfg)}
+
+    def _finish_training(self, last_tag: str | None) -> None:
+        """Called once after the last step and the final checkpoint, before the final evaluation and export."""
+
     def _log(self, log: MetricsLogger, acc: dict, st: dict, lr: float, dt: float) -> None:
         n, secs = max(acc["n"], 1), max(acc["time"], 1e-9)
-        samples, tokens, flops = _all_reduce([acc["samples"], acc["tokens"], acc["flops"]])
-        bad_rows, = _all_reduce([float(self.stream.counter.bad)])
+        samples, tokens, flops, bad_rows = (x / self.shard_copies for x in _all_reduce(
+            [acc["samples"], acc["tokens"], acc["flops"], float(self.stream.counter.bad)]))
         tflops = flops / self.world / secs / 1e12
         self._last_loss = acc["loss"] / n
         log.log_step({
