@@ -351,8 +351,11 @@ class Trainer:
     _last_loss: float | None = None
 
     def _facts(self) -> dict[str, Any]:
-        """Run facts for the final report (eval.json and the last output line)."""
-        return {"world_size": self.world, "precision": self.precision, "zero_stage": E.zero_stage(self.ds_cfg)}
+        """Run facts for the final report (eval.json and the last output line). Collective (peak memory per rank:
+        CUDA max allocated, or the process's max RSS on CPU, over the whole run including evaluation and export)."""
+        peaks = _all_reduce([peak_mem_gib() if r == self.rank else 0.0 for r in range(self.world)])
+        return {"world_size": self.world, "precision": self.precision, "zero_stage": E.zero_stage(self.ds_cfg),
+                "peak_mem_gib_ranks": [round(x, 3) for x in peaks]}
 
     def _finish_training(self, last_tag: str | None) -> None:
         """Called once after the last step and the final checkpoint, before the final evaluation and export."""
