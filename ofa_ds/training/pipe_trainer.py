@@ -29,7 +29,8 @@ TensorBoard, console), checkpoints, `--resume`, `final/` export and final held-o
     gradient_clipping 0 and the OptimizerStep instruction is wrapped: norm over all stages (tied table once), then
     DeepSpeed's own clip rule (coef = min(1, clip / (norm + 1e-6))), then the step. ZeRO-0 + bf16/fp16 clipping is
     left to DeepSpeed's mixed-precision optimizers (not exercised here; the shipped pipeline configs are ZeRO-1).
-  * Evaluation and export run on a dense `OFAModel` on global rank 0 (all held-out batches; the other ranks wait).
+  * Evaluation and export run on a dense fp32 `OFAModel` on global rank 0 (all held-out batches; the other ranks
+    wait; with bf16/fp16 training the dense trainer would evaluate its half-precision module instead).
     At the end the engine is released first and rank 0 reads the final checkpoint's layer files
     (`universal.pipeline_checkpoint_to_dense`), so the peak is the dense model, not engine + model; a mid-run
     evaluation (eval_every) or a run without a final checkpoint gathers the stages' weights with
@@ -314,11 +315,11 @@ class PipeTrainer(Trainer):
         model = self._dense if self.engine is None else self._gathered_dense()
         results: dict[str, float] = {}
         if self.rank == 0:
-            model.eval()
+            model.to(self.device).eval()            # fp32 weights (the dense trainer evaluates its bf16/fp16 module)
             ev = self.run_cfg.eval
             for task, s in self.eval_sets.items():
                 recs, ls, ss = EV.evaluate_task(model, task, s["batches"], self.tok, device=self.device,
-                                                dtype=self.dtype, max_len=ev.max_len,
+                                                dtype=torch.float32, max_len=ev.max_len,
                                                 num_bins=self.run_cfg.data.num_bins,
                                                 max_image_size=self.run_cfg.data.max_image_size,
                                                 candidates=s["candidates"], eps=self.run_cfg.train.label_smoothing)
@@ -336,12 +337,12 @@ class PipeTrainer(Trainer):
             return
         if self.rank == 0:
             from ofa_ds.checkpoint import export_folder
-            model = self._dense if self._dense is not None else None
+            model = self._dense
             if model is None:
                 raise RuntimeError("export without a dense model (PipeTrainer._finish_training did not run)")
             final = os.path.join(self.out, "final")
             os.makedirs(final, exist_ok=True)
-            torch.save(model.state_dict(), os.path.join(final, "consolidated_fp32.pt"))
+            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, os.path.join(final, "consolidated_fp32.pt"))
             export_folder(model, final)
         dist.barrier()
 
