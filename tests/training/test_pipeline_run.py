@@ -74,6 +74,43 @@ def test_pipeline_pair_losses_equal_dense(tmp_path, synthetic_root, init_folder)
         assert rep["vqa_acc"] == rep_d["vqa_acc"]
 
 
+@pytest.mark.distributed
+def test_pipeline_two_replicas_equal_dense_two_ranks(tmp_path, synthetic_root, init_folder):
+    """Four ranks = 2 stages x 2 data-parallel replicas: data sharded by replica, so the dense run on two ranks
+    (sharded by rank) sees the same batches; the sample sizes and the loss are reduced over the replicas."""
+    sets = pair_sets(synthetic_root) + ["train.save_final=false", "train.export_final=false", "eval.data={}"]
+    args = ["--steps", "3", "--init", init_folder]
+    dense, pipe = str(tmp_path / "dense"), str(tmp_path / "pipe")
+    launch(args + ["--out", dense, "--ds-config", "ds_configs/cpu_fp32.json"], synthetic_root, ranks=2, sets=sets)
+    rep = last_json(launch(args + ["--out", pipe, "--ds-config", PIPE], synthetic_root, ranks=4, sets=sets))
+    assert rep["data_parallel"] == 2 and rep["pipeline_stages"] == 2
+    ref, got = metrics(dense), metrics(pipe)
+    assert sorted(got) == [1, 2, 3]
+    for s in got:
+        assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-5), s
+        assert got[s]["grad_norm"] == pytest.approx(ref[s]["grad_norm"], rel=1e-4), s
+        assert got[s]["samples_per_s"] * got[s]["step_ms"] == pytest.approx(
+            ref[s]["samples_per_s"] * ref[s]["step_ms"], rel=1e-6)
+
+
+@pytest.mark.distributed
+def test_pipeline_finetune_vqa_equals_dense(tmp_path, synthetic_root, init_folder):
+    """launch/finetune.py --recipe vqa (label smoothing, frozen token table, answer constraints) with the pipeline
+    config = the dense run. Dropout and drop path are switched off: they draw random numbers on different ranks."""
+    sets = ["data.add_object=false", "train.save_final=false", "train.export_final=false", "eval.max_samples=4",
+            "model.dropout=0.0", "model.encoder_drop_path_rate=0.0", "model.decoder_drop_path_rate=0.0"]
+    args = ["--recipe", "vqa", "--steps", "3", "--init", init_folder]
+    dense, pipe = str(tmp_path / "dense"), str(tmp_path / "pipe")
+    rep_d = last_json(launch(args + ["--out", dense, "--ds-config", "ds_configs/cpu_fp32.json"], synthetic_root,
+                             script="launch/finetune.py", sets=sets))
+    rep = last_json(launch(args + ["--out", pipe, "--ds-config", PIPE], synthetic_root, ranks=2,
+                           script="launch/finetune.py", sets=sets))
+    assert json.load(open(os.path.join(pipe, "config.json")))["train"]["freeze_embeddings"]
+    ref, got = metrics(dense), metrics(pipe)
+    assert [got[s]["loss"] for s in (1, 2, 3)] == pytest.approx([ref[s]["loss"] for s in (1, 2, 3)], rel=1e-5)
+    assert rep["vqa_loss"] == pytest.approx(rep_d["vqa_loss"], rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def full_pipe_run(tmp_path_factory, synthetic_root, init_folder):
     out = str(tmp_path_factory.mktemp("pipe_full"))
