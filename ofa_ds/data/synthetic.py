@@ -48,7 +48,12 @@ class Obj:
         return ("an " if self.color[0] in "aeiou" else "a ") + self.name
 
 
-def draw_scene(rng: np.random.Generator, size: int = 256, max_objects: int = 4) -> tuple[Image.Image, list[Obj]]:
+def draw_scene(rng: np.random.Generator, size: int = 256, max_objects: int = 4,
+               object_size: tuple[float, float] = (0.16, 0.36), plain: bool = False) -> tuple[Image.Image, list[Obj]]:
+    """One scene; `object_size` is the side range as a fraction of the image (at most 0.44: objects stay inside
+    their 2x2-grid cell), `plain` draws every background in one flat grey (no tint, no gradient)."""
+    if not 0.05 <= object_size[0] <= object_size[1] <= 0.44:
+        raise ValueError(f"object_size must satisfy 0.05 <= low <= high <= 0.44, got {object_size}")
     n = int(rng.integers(1, max_objects + 1))
     cells = [(r, c) for r in range(2) for c in range(2)]
     chosen = [cells[i] for i in rng.permutation(4)[:n]]
@@ -56,13 +61,15 @@ def draw_scene(rng: np.random.Generator, size: int = 256, max_objects: int = 4) 
     kinds = [KINDS[i] for i in rng.permutation(len(KINDS))[:n]]
     bg = np.array(BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))], dtype=np.float32)
     grad = np.linspace(-12, 12, size, dtype=np.float32)[:, None, None] * (1 if rng.random() < 0.5 else -1)
+    if plain:
+        bg, grad = np.array(BACKGROUNDS[1], dtype=np.float32), 0.0
     img = Image.fromarray(np.clip(bg[None, None, :] + grad + np.zeros((size, size, 3), np.float32), 0, 255)
                           .astype(np.uint8))
     d = ImageDraw.Draw(img)
     half = size // 2
     objs = []
     for (r, c), col, kind in zip(chosen, colors, kinds):
-        s = int(rng.integers(int(size * 0.16), int(size * 0.36)))
+        s = min(int(rng.integers(int(size * object_size[0]), int(size * object_size[1]))), half - 8)
         x0 = c * half + int(rng.integers(4, half - s - 3))
         y0 = r * half + int(rng.integers(4, half - s - 3))
         x1, y1 = x0 + s, y0 + s
@@ -136,22 +143,30 @@ def image_codes(img: Image.Image) -> list[int]:
     return ((q[..., 0] >> 3) << 8 | (q[..., 1] >> 4) << 4 | (q[..., 2] >> 4)).reshape(-1).tolist()
 
 
-def _scene(seed: int, split: str, i: int, size: int, max_objects: int = 4):
+def _scene(seed: int, split: str, i: int, size: int, max_objects: int = 4, object_size=(0.16, 0.36),
+           plain: bool = False):
     rng = np.random.default_rng([seed, {"train": 1, "valid": 2}[split], i])
-    img, objs = draw_scene(rng, size, max_objects)
+    img, objs = draw_scene(rng, size, max_objects, tuple(object_size), plain)
     return rng, img, objs, encode_base64_image(img, quality=90)
 
 
 def generate(out: str, seed: int = 1, size: str = "small", image_size: int = 256, max_objects: int = 4,
-             vqa_types=QUESTION_TYPES) -> dict:
+             vqa_types=QUESTION_TYPES, train_scenes: int = 0, vl_qa_rows: int = 1,
+             object_size: tuple[float, float] = (0.16, 0.36), plain: bool = False) -> dict:
     """Write the dataset into `out`; returns the manifest (also written as manifest.json).
-    `max_objects` (1-4) and `vqa_types` (subset of QUESTION_TYPES) make the VQA task easier or harder."""
+    `max_objects` (1-4) and `vqa_types` (subset of QUESTION_TYPES) make the VQA task easier or harder;
+    `train_scenes` (> 0) replaces the size's number of training scenes; `vl_qa_rows` is the number of qa rows per
+    scene in the pretraining vision-language file (its caption and grounding rows stay one each); `object_size` and
+    `plain` are draw_scene's (bigger objects on a flat background are easier to see at small image sizes)."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}")
     if not 1 <= max_objects <= 4 or not vqa_types or set(vqa_types) - set(QUESTION_TYPES):
         raise ValueError(f"max_objects must be 1..4 and vqa_types a subset of {QUESTION_TYPES}")
+    if train_scenes < 0 or vl_qa_rows < 0:
+        raise ValueError(f"train_scenes and vl_qa_rows must be >= 0, got {train_scenes}, {vl_qa_rows}")
     t0 = time.time()
     n_train, n_valid, q_per = SIZES[size]
+    n_train = train_scenes or n_train
     dirs = {k: os.path.join(out, k) for k in ("pretrain", "caption", "vqa", "refcoco", "snli_ve")}
     for d in dirs.values():
         os.makedirs(d, exist_ok=True)
@@ -180,7 +195,7 @@ def generate(out: str, seed: int = 1, size: str = "small", image_size: int = 256
     try:
         for split, n in (("train", n_train), ("valid", n_valid)):
             for i in range(n):
-                rng, img, objs, b64 = _scene(seed, split, i, image_size, max_objects)
+                rng, img, objs, b64 = _scene(seed, split, i, image_size, max_objects, object_size, plain)
                 sid = f"{split}{i}"
                 iid = (0 if split == "train" else 10_000_000) + i
                 cap = caption_of(objs)
@@ -204,9 +219,11 @@ def generate(out: str, seed: int = 1, size: str = "small", image_size: int = 256
                 captions.append(cap)
                 gt = "&&".join(o.kind for o in objs)
                 w("vision_language", f"{sid}_c", b64, cap, "", "", gt, "synthetic", "caption")
-                q, a, at = question_of(objs, rng)
-                all_answers.setdefault(a, at)
-                w("vision_language", f"{sid}_q", b64, cap, q, f"1.0|!+{a}", gt, "synthetic", "qa")
+                for k in range(vl_qa_rows):
+                    q, a, at = question_of(objs, rng)
+                    all_answers.setdefault(a, at)
+                    w("vision_language", f"{sid}_q" + (str(k) if k else ""), b64, cap, q, f"1.0|!+{a}", gt,
+                      "synthetic", "qa")
                 o = objs[int(rng.integers(len(objs)))]
                 w("vision_language", f"{sid}_g", b64, expression_of(o, rng), "", ",".join(map(str, o.box)),
                   o.kind, "synthetic", "visual_grounding")
@@ -236,7 +253,8 @@ def generate(out: str, seed: int = 1, size: str = "small", image_size: int = 256
     rel = lambda p: os.path.relpath(p, out)  # noqa: E731
     manifest = {
         "seed": seed, "size": size, "image_size": image_size, "max_objects": max_objects,
-        "vqa_types": list(vqa_types), "seconds": round(time.time() - t0, 2),
+        "vqa_types": list(vqa_types), "train_scenes": n_train, "vl_qa_rows": vl_qa_rows,
+        "object_size": list(object_size), "plain": plain, "seconds": round(time.time() - t0, 2),
         "rows": {k: counts[k] for k in files}, "files": {k: rel(v) for k, v in files.items()},
         "vqa_answers": rel(ans_file), "negative_sample": rel(neg_dir),
     }

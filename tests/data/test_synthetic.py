@@ -88,3 +88,25 @@ def test_image_codes_quantiser():
     codes = image_codes(Image.new("RGB", (256, 256), (255, 128, 16)))
     assert len(codes) == 256 and set(codes) == {(31 << 8) | (8 << 4) | 1}
     assert max(image_codes(Image.new("RGB", (256, 256), (255, 255, 255)))) == 8191
+
+
+def test_generator_knobs(tmp_path):
+    """train_scenes / vl_qa_rows change the row counts; object_size / plain change the drawing; defaults are the
+    original scenes draw for draw (the files of `test_files_and_determinism` stay identical)."""
+    out = str(tmp_path / "k")
+    man = generate(out, seed=3, size="tiny", image_size=96, train_scenes=10, vl_qa_rows=3, object_size=(0.3, 0.44),
+                   plain=True)
+    assert man["train_scenes"] == 10 and man["rows"]["caption_train"] == 10
+    assert man["rows"]["vision_language"] == 10 * (1 + 3 + 1)
+    with open(os.path.join(out, "pretrain/vision_language_examples.tsv")) as fh:
+        types = [line.rstrip("\n").split("\t")[7] for line in fh]
+    assert types.count("qa") == 30 and len({line for line in types}) == 3
+    rng = np.random.default_rng([5, 1])
+    img, objs = draw_scene(rng, 256, object_size=(0.3, 0.44), plain=True)
+    assert all(0.3 * 256 <= o.box[2] - o.box[0] - 1 <= 0.44 * 256 for o in objs)
+    arr = np.asarray(img)
+    assert tuple(arr[0, 0]) == tuple(arr[-1, -1]) == (225, 225, 225)       # flat grey, no tint or gradient
+    with pytest.raises(ValueError, match="object_size"):
+        draw_scene(rng, 256, object_size=(0.3, 0.6))
+    with pytest.raises(ValueError, match="vl_qa_rows"):
+        generate(str(tmp_path / "bad"), size="tiny", vl_qa_rows=-1)
