@@ -17,6 +17,10 @@ def main(argv=None) -> int:
     s.add_argument("--image-size", type=int, default=256)
     s.add_argument("--max-objects", type=int, default=4, help="1-4 shapes per scene")
     s.add_argument("--vqa-types", default="color,shape,count,position", help="question types to draw from")
+    s.add_argument("--train-scenes", type=int, default=0, help="training scenes (0 = the --size's number)")
+    s.add_argument("--vl-qa-rows", type=int, default=1, help="qa rows per scene in the pretraining file")
+    s.add_argument("--object-size", default="0.16,0.36", help="shape side range as fractions of the image")
+    s.add_argument("--plain", action="store_true", help="flat grey backgrounds (no tint, no gradient)")
     c = sub.add_parser("convert", help="image folder + JSONL/CSV annotations -> TSV")
     c.add_argument("--task", required=True)
     c.add_argument("--images", required=True)
@@ -32,7 +36,9 @@ def main(argv=None) -> int:
     if a.cmd == "synthetic":
         from .synthetic import generate
         m = generate(a.out, seed=a.seed, size=a.size, image_size=a.image_size, max_objects=a.max_objects,
-                     vqa_types=tuple(t for t in a.vqa_types.split(",") if t))
+                     vqa_types=tuple(t for t in a.vqa_types.split(",") if t), train_scenes=a.train_scenes,
+                     vl_qa_rows=a.vl_qa_rows, object_size=tuple(float(v) for v in a.object_size.split(",")),
+                     plain=a.plain)
         print(json.dumps({"out": a.out, "seconds": m["seconds"], "rows": m["rows"]}, indent=1))
         return 0
     if a.cmd == "convert":
