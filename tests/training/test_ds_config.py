@@ -98,7 +98,20 @@ def test_cpu_engine_uses_fused_adamw():
     from ofa_ds.training import engine as E
     if torch.cuda.is_available():
         pytest.skip("CPU path only")
-    E.init_distributed()
+    import torch.distributed as dist
+    started = not dist.is_initialized()
+    saved = dict(os.environ)                     # init_distributed sets RANK/MASTER_PORT/...: later subprocesses
+    try:                                         # of this session must not inherit them
+        E.init_distributed()
+        _fused_engine_step(E, torch)
+    finally:
+        if started and dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _fused_engine_step(E, torch):
     run = RunConfig(train=TrainConfig(lr=1e-3, max_steps=10, warmup_steps=0))
     run.data.batch_size = 2
     ds = build_ds_config(os.path.join(ROOT, "ds_configs", "cpu_fp32.json"), run, world_size=1)
