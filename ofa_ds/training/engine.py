@@ -236,9 +236,18 @@ def initialize(model: torch.nn.Module, run, ds_cfg: dict):
         # only for CUDA tensors), measured 4.8x slower on OFA-Tiny (benchmarks/bench_optimizer.py).
         ds_cfg = copy.deepcopy(ds_cfg)
         ds_cfg["optimizer"]["params"]["torch_adam"] = True
-        ds_cfg["optimizer"]["params"].setdefault("fused", True)
+        if _cpu_fused_adamw_available():                   # torch >= 2.4; older builds keep the loop
+            ds_cfg["optimizer"]["params"].setdefault("fused", True)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_cfg, lr_scheduler=sched)
     return engine
+
+
+def _cpu_fused_adamw_available() -> bool:
+    try:
+        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], fused=True)
+        return True
+    except (RuntimeError, TypeError, ValueError):
+        return False
 
 
 def _uses_cpu_adam(ds_cfg: dict) -> bool:
