@@ -32,6 +32,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from ofa_ds.training.ports import free_port, remove_shm_buffers  # noqa: E402
 
 STRATEGIES = ("zero0", "zero1", "zero2", "zero3", "zero3_offload", "pipe2")
 GIB = 1024 ** 3
@@ -238,23 +239,6 @@ def _count_params(cfg) -> int:
 
 
 # ---- sweep ----------------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def remove_shm_buffers(port: int) -> None:
-    """DeepSpeed's CPU shared-memory all-reduce leaves a 66 MB /dev/shm file per rank and job (RAM, never freed)."""
-    import glob
-    for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-        try:
-            os.remove(f)
-        except OSError:
-            pass
-
-
 def sweep(a) -> int:
     acs = {"off": [False], "on": [True], "both": [False, True]}[a.ac_mode]
     failed = 0

@@ -36,6 +36,8 @@ import torch.distributed as dist
 
 import deepspeed
 
+from ofa_ds.training.ports import free_port
+
 AUTO = "auto"
 
 
@@ -184,14 +186,6 @@ def zero_stage(cfg: dict) -> int:
 
 
 # ---- distributed + engine -------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    """A TCP port nobody listens on now (single-process runs; a pid-derived port collided in the test suite)."""
-    import socket
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def init_distributed() -> tuple[int, int, torch.device]:
     """Start the process group (gloo on CPU, nccl on GPU) if the launcher set one up; (rank, world, device)."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -200,7 +194,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():

@@ -62,6 +62,11 @@ def gather_records(records: list[dict]) -> list[dict]:
         parts: list[Any] = [None] * _world()
         dist.all_gather_object(parts, records)
         records = [r for p in parts for r in p]
+    return unique_records(records)
+
+
+def unique_records(records: list[dict]) -> list[dict]:
+    """Records with repeated 'id's dropped (first kept)."""
     seen, out = set(), []
     for r in records:
         if r["id"] not in seen:

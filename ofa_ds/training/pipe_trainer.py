@@ -316,15 +316,9 @@ class PipeTrainer(Trainer):
         results: dict[str, float] = {}
         if self.rank == 0:
             model.to(self.device).eval()            # fp32 weights (the dense trainer evaluates its bf16/fp16 module)
-            ev = self.run_cfg.eval
             for task, s in self.eval_sets.items():
-                recs, ls, ss = EV.evaluate_task(model, task, s["batches"], self.tok, device=self.device,
-                                                dtype=torch.float32, max_len=ev.max_len,
-                                                num_bins=self.run_cfg.data.num_bins,
-                                                max_image_size=self.run_cfg.data.max_image_size,
-                                                candidates=s["candidates"], eps=self.run_cfg.train.label_smoothing)
-                seen: set = set()
-                recs = [r for r in recs if not (r["id"] in seen or seen.add(r["id"]))]
+                recs, ls, ss = self._eval_task(model, task, s, torch.float32)
+                recs = EV.unique_records(recs)
                 if ss > 0:
                     results[f"{task}_loss"] = ls / ss
                 results.update(EV.summarise(task, recs, s["baseline"], self.tok))

@@ -266,18 +266,20 @@ class Trainer:
                 "flops": sum(i[4] for i in info)}
 
     # ---- evaluation ------------------------------------------------------------------------------------------------
+    def _eval_task(self, model, task: str, s: dict, dtype) -> tuple[list[dict], float, float]:
+        """This rank's records, summed loss and sample size of one held-out set (`self.eval_sets[task]`)."""
+        return EV.evaluate_task(model, task, s["batches"], self.tok, device=self.device, dtype=dtype,
+                                max_len=self.run_cfg.eval.max_len, num_bins=self.run_cfg.data.num_bins,
+                                max_image_size=self.run_cfg.data.max_image_size, candidates=s["candidates"],
+                                eps=self.run_cfg.train.label_smoothing)
+
     def evaluate(self) -> dict[str, float]:
         module = self.engine.module
         module.eval()
         results: dict[str, float] = {}
-        ev = self.run_cfg.eval
         try:
             for task, s in self.eval_sets.items():
-                recs, ls, ss = EV.evaluate_task(module, task, s["batches"], self.tok, device=self.device,
-                                                dtype=self.dtype, max_len=ev.max_len,
-                                                num_bins=self.run_cfg.data.num_bins,
-                                                max_image_size=self.run_cfg.data.max_image_size,
-                                                candidates=s["candidates"], eps=self.run_cfg.train.label_smoothing)
+                recs, ls, ss = self._eval_task(module, task, s, self.dtype)
                 recs = EV.gather_records(recs)
                 ls, ss = _all_reduce([ls, ss])
                 if self.rank == 0 and ss > 0:

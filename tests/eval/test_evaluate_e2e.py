@@ -3,12 +3,13 @@ stdout line is the metrics JSON, files are written, an official .pt and an expor
 and one rank and two CPU ranks (torchrun, gloo) give identical predictions and metrics."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from ofa_ds.training.ports import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "launch", "evaluate.py")
@@ -81,12 +82,6 @@ def _strip(m):
     return {k: v for k, v in m.items() if k not in ("samples_per_s", "ranks", "checkpoint")}
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_single_rank_all_tasks_and_checkpoint_kinds(assets):
     root = assets["root"]
     rows = {t: sum(1 for _ in open(assets["files"][t])) for t in TASKS}
@@ -128,7 +123,7 @@ def test_two_ranks_equal_one_rank(assets):
             _ONE_RANK[task] = _run([sys.executable, SCRIPT] + _args(assets, task, str(root / "folder"), out1), out1)
         m1, p1 = _ONE_RANK[task]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), SCRIPT] + _args(assets, task, str(root / "folder"), out2)
+               "--master_port", str(free_port()), SCRIPT] + _args(assets, task, str(root / "folder"), out2)
         m2, p2 = _run(cmd, out2)
         assert m2["ranks"] == 2 and m1["ranks"] == 1
         assert p1 == p2

@@ -1,33 +1,17 @@
 """OFA as a 2-stage DeepSpeed pipeline on 2 CPU ranks (gloo): equivalence with the dense model and checkpoint
 conversion across layouts. One launch of tests/scale/pipe_worker.py (≈1.5 min) feeds all tests in this file."""
-import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from ofa_ds.config import preset
+from ofa_ds.training.ports import free_port, remove_shm_buffers
 from ofa_ds.training.pipeline import dense_key_to_pipe, layer_roles, pipe_key_to_dense, pipe_to_dense_names
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def remove_shm_buffers(port: int) -> None:
-    """DeepSpeed's CPU shared-memory all-reduce leaves a 66 MB /dev/shm file per rank and job (RAM, never freed)."""
-    for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-        try:
-            os.remove(f)
-        except OSError:
-            pass
 
 
 def launch(script: str, out: str, *extra: str, ranks: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:

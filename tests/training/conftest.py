@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from ofa_ds.training.ports import free_port  # noqa: F401  (re-exported for the tests here)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = ["model.d_model=64", "model.ffn_dim=128", "model.encoder_layers=1", "model.decoder_layers=1",
          "model.num_heads=2", "model.resnet_layers=[1,1,1]", "data.patch_image_size=32", "data.v2_image_size=32",
@@ -20,14 +22,6 @@ def synthetic_root(tmp_path_factory) -> str:
     from ofa_ds.data.synthetic import generate
     generate(root, size="tiny")
     return root
-
-
-def free_port() -> int:
-    """A port nothing listens on now (the launcher's default 29500 may be taken by another job)."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(args: list[str], synthetic: str, ranks: int = 0, script: str = "launch/pretrain.py", sets=(),

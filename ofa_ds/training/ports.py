@@ -1,0 +1,25 @@
+"""Small process helpers shared by the trainer, the tests and the benchmarks (no deepspeed import here).
+
+Unusual: `remove_shm_buffers` exists because DeepSpeed's CPU shared-memory all-reduce leaves one ~66 MB
+/dev/shm file per rank and job (RAM, never freed); jobs started on a known port can remove theirs afterwards."""
+from __future__ import annotations
+
+import glob
+import os
+import socket
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (a fixed or pid-derived port can collide with another job)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def remove_shm_buffers(port: int) -> None:
+    """Remove the /dev/shm all-reduce buffers of the DeepSpeed job that used master port `port`."""
+    for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        try:
+            os.remove(f)
+        except OSError:
+            pass
