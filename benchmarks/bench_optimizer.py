@@ -24,7 +24,8 @@ VARIANTS = {"loop": dict(foreach=False), "foreach": dict(foreach=True), "fused":
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="tiny")
+    from ofa_ds.config import PRESETS
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--no-record", action="store_true")
