@@ -21,6 +21,8 @@ def main(argv=None) -> int:
     s.add_argument("--vl-qa-rows", type=int, default=1, help="qa rows per scene in the pretraining file")
     s.add_argument("--object-size", default="0.16,0.36", help="shape side range as fractions of the image")
     s.add_argument("--plain", action="store_true", help="flat grey backgrounds (no tint, no gradient)")
+    s.add_argument("--closeup", type=float, default=0.0,
+                   help="probability of a close-up scene (one shape 55-75%% of the image wide)")
     c = sub.add_parser("convert", help="image folder + JSONL/CSV annotations -> TSV")
     c.add_argument("--task", required=True)
     c.add_argument("--images", required=True)
@@ -38,7 +40,7 @@ def main(argv=None) -> int:
         m = generate(a.out, seed=a.seed, size=a.size, image_size=a.image_size, max_objects=a.max_objects,
                      vqa_types=tuple(t for t in a.vqa_types.split(",") if t), train_scenes=a.train_scenes,
                      vl_qa_rows=a.vl_qa_rows, object_size=tuple(float(v) for v in a.object_size.split(",")),
-                     plain=a.plain)
+                     plain=a.plain, closeup=a.closeup)
         print(json.dumps({"out": a.out, "seconds": m["seconds"], "rows": m["rows"]}, indent=1))
         return 0
     if a.cmd == "convert":

@@ -9,6 +9,7 @@ unambiguous and learnable. Ground truth:
 * referring expressions with the exact drawn box; SNLI-VE hypotheses balanced over yes / no / maybe;
 * image codes from a deterministic quantiser of the central 128x128 region: 16x16 grid of 8x8 patches, mean colour
   quantised to 5+4+4 bits = 8192 codes (there is no VQGAN here).
+With `closeup` > 0 that fraction of the scenes is a single large shape instead (default 0: off).
 Images are written at `image_size` (default 256) px; the task builders resize them to whatever the run uses.
 Everything is a function of (seed, split, scene index), so two runs with the same seed write identical files.
 """
@@ -49,22 +50,24 @@ class Obj:
 
 
 def draw_scene(rng: np.random.Generator, size: int = 256, max_objects: int = 4,
-               object_size: tuple[float, float] = (0.16, 0.36), plain: bool = False) -> tuple[Image.Image, list[Obj]]:
+               object_size: tuple[float, float] = (0.16, 0.36), plain: bool = False,
+               closeup: float = 0.0) -> tuple[Image.Image, list[Obj]]:
     """One scene; `object_size` is the side range as a fraction of the image (at most 0.44: objects stay inside
-    their 2x2-grid cell), `plain` draws every background in one flat grey (no tint, no gradient)."""
+    their 2x2-grid cell), `plain` draws every background in one flat grey (no tint, no gradient), `closeup` is
+    the probability of a close-up: one shape 55-75 % of the image wide, its centre 8-12 % of the image off the
+    middle in both directions (so left/right and top/bottom stay defined). closeup=0 draws exactly as before."""
     if not 0.05 <= object_size[0] <= object_size[1] <= 0.44:
         raise ValueError(f"object_size must satisfy 0.05 <= low <= high <= 0.44, got {object_size}")
+    if not 0.0 <= closeup <= 1.0:
+        raise ValueError(f"closeup must be a probability in [0, 1], got {closeup}")
+    if closeup > 0 and rng.random() < closeup:
+        return _closeup(rng, size, plain)
     n = int(rng.integers(1, max_objects + 1))
     cells = [(r, c) for r in range(2) for c in range(2)]
     chosen = [cells[i] for i in rng.permutation(4)[:n]]
     colors = [list(COLORS)[i] for i in rng.permutation(len(COLORS))[:n]]
     kinds = [KINDS[i] for i in rng.permutation(len(KINDS))[:n]]
-    bg = np.array(BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))], dtype=np.float32)
-    grad = np.linspace(-12, 12, size, dtype=np.float32)[:, None, None] * (1 if rng.random() < 0.5 else -1)
-    if plain:
-        bg, grad = np.array(BACKGROUNDS[1], dtype=np.float32), 0.0
-    img = Image.fromarray(np.clip(bg[None, None, :] + grad + np.zeros((size, size, 3), np.float32), 0, 255)
-                          .astype(np.uint8))
+    img = _background(rng, size, plain)
     d = ImageDraw.Draw(img)
     half = size // 2
     objs = []
@@ -72,19 +75,44 @@ def draw_scene(rng: np.random.Generator, size: int = 256, max_objects: int = 4,
         s = min(int(rng.integers(int(size * object_size[0]), int(size * object_size[1]))), half - 8)
         x0 = c * half + int(rng.integers(4, half - s - 3))
         y0 = r * half + int(rng.integers(4, half - s - 3))
-        x1, y1 = x0 + s, y0 + s
-        fill = COLORS[col]
-        if kind == "circle":
-            d.ellipse([x0, y0, x1, y1], fill=fill)
-        elif kind == "square":
-            d.rectangle([x0, y0, x1, y1], fill=fill)
-        elif kind == "triangle":
-            d.polygon([(x0 + s / 2, y0), (x1, y1), (x0, y1)], fill=fill)
-        else:
-            d.polygon([(x0 + s / 2, y0), (x1, y0 + s / 2), (x0 + s / 2, y1), (x0, y0 + s / 2)], fill=fill)
-        objs.append(Obj(col, kind, (x0, y0, x1 + 1, y1 + 1), (r, c)))
+        _draw(d, kind, x0, y0, s, COLORS[col])
+        objs.append(Obj(col, kind, (x0, y0, x0 + s + 1, y0 + s + 1), (r, c)))
     objs.sort(key=lambda o: (o.box[0] + o.box[2], o.box[1]))
     return img, objs
+
+
+def _background(rng: np.random.Generator, size: int, plain: bool) -> Image.Image:
+    bg = np.array(BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))], dtype=np.float32)
+    grad = np.linspace(-12, 12, size, dtype=np.float32)[:, None, None] * (1 if rng.random() < 0.5 else -1)
+    if plain:
+        bg, grad = np.array(BACKGROUNDS[1], dtype=np.float32), 0.0
+    return Image.fromarray(np.clip(bg[None, None, :] + grad + np.zeros((size, size, 3), np.float32), 0, 255)
+                           .astype(np.uint8))
+
+
+def _draw(d: ImageDraw.ImageDraw, kind: str, x0: int, y0: int, s: int, fill) -> None:
+    x1, y1 = x0 + s, y0 + s
+    if kind == "circle":
+        d.ellipse([x0, y0, x1, y1], fill=fill)
+    elif kind == "square":
+        d.rectangle([x0, y0, x1, y1], fill=fill)
+    elif kind == "triangle":
+        d.polygon([(x0 + s / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    else:
+        d.polygon([(x0 + s / 2, y0), (x1, y0 + s / 2), (x0 + s / 2, y1), (x0, y0 + s / 2)], fill=fill)
+
+
+def _closeup(rng: np.random.Generator, size: int, plain: bool) -> tuple[Image.Image, list[Obj]]:
+    col = list(COLORS)[int(rng.integers(len(COLORS)))]
+    kind = KINDS[int(rng.integers(len(KINDS)))]
+    img = _background(rng, size, plain)
+    s = int(size * rng.uniform(0.55, 0.75))
+    r, c = (int(v) for v in rng.integers(0, 2, size=2))
+    cx, cy = ((0.5 + (1 if k else -1) * rng.uniform(0.08, 0.12)) * size for k in (c, r))
+    x0 = int(np.clip(cx - s / 2, 1, size - s - 2))
+    y0 = int(np.clip(cy - s / 2, 1, size - s - 2))
+    _draw(ImageDraw.Draw(img), kind, x0, y0, s, COLORS[col])
+    return img, [Obj(col, kind, (x0, y0, x0 + s + 1, y0 + s + 1), (r, c))]
 
 
 def caption_of(objs: list[Obj], reverse: bool = False) -> str:
@@ -144,15 +172,15 @@ def image_codes(img: Image.Image) -> list[int]:
 
 
 def _scene(seed: int, split: str, i: int, size: int, max_objects: int = 4, object_size=(0.16, 0.36),
-           plain: bool = False):
+           plain: bool = False, closeup: float = 0.0):
     rng = np.random.default_rng([seed, {"train": 1, "valid": 2}[split], i])
-    img, objs = draw_scene(rng, size, max_objects, tuple(object_size), plain)
+    img, objs = draw_scene(rng, size, max_objects, tuple(object_size), plain, closeup)
     return rng, img, objs, encode_base64_image(img, quality=90)
 
 
 def generate(out: str, seed: int = 1, size: str = "small", image_size: int = 256, max_objects: int = 4,
              vqa_types=QUESTION_TYPES, train_scenes: int = 0, vl_qa_rows: int = 1,
-             object_size: tuple[float, float] = (0.16, 0.36), plain: bool = False) -> dict:
+             object_size: tuple[float, float] = (0.16, 0.36), plain: bool = False, closeup: float = 0.0) -> dict:
     """Write the dataset into `out`; returns the manifest (also written as manifest.json).
     `max_objects` (1-4) and `vqa_types` (subset of QUESTION_TYPES) make the VQA task easier or harder;
     `train_scenes` (> 0) replaces the size's number of training scenes; `vl_qa_rows` is the number of qa rows per
@@ -195,7 +223,7 @@ def generate(out: str, seed: int = 1, size: str = "small", image_size: int = 256
     try:
         for split, n in (("train", n_train), ("valid", n_valid)):
             for i in range(n):
-                rng, img, objs, b64 = _scene(seed, split, i, image_size, max_objects, object_size, plain)
+                rng, img, objs, b64 = _scene(seed, split, i, image_size, max_objects, object_size, plain, closeup)
                 sid = f"{split}{i}"
                 iid = (0 if split == "train" else 10_000_000) + i
                 cap = caption_of(objs)
@@ -254,7 +282,7 @@ def generate(out: str, seed: int = 1, size: str = "small", image_size: int = 256
     manifest = {
         "seed": seed, "size": size, "image_size": image_size, "max_objects": max_objects,
         "vqa_types": list(vqa_types), "train_scenes": n_train, "vl_qa_rows": vl_qa_rows,
-        "object_size": list(object_size), "plain": plain, "seconds": round(time.time() - t0, 2),
+        "object_size": list(object_size), "plain": plain, "closeup": closeup, "seconds": round(time.time() - t0, 2),
         "rows": {k: counts[k] for k in files}, "files": {k: rel(v) for k, v in files.items()},
         "vqa_answers": rel(ans_file), "negative_sample": rel(neg_dir),
     }

@@ -110,3 +110,35 @@ def test_generator_knobs(tmp_path):
         draw_scene(rng, 256, object_size=(0.3, 0.6))
     with pytest.raises(ValueError, match="vl_qa_rows"):
         generate(str(tmp_path / "bad"), size="tiny", vl_qa_rows=-1)
+
+
+def test_closeup_scenes():
+    """closeup=1 draws one large shape whose box, colour and left/right cell are true; 0 < p < 1 mixes them in at
+    about that rate; values outside [0, 1] are refused."""
+    for i in range(40):
+        rng = np.random.default_rng([11, i])
+        img, objs = draw_scene(rng, 128, closeup=1.0)
+        assert len(objs) == 1
+        o = objs[0]
+        x0, y0, x1, y1 = o.box
+        assert int(0.55 * 128) <= x1 - x0 - 1 <= 0.75 * 128 and 0 <= x0 and x1 <= 128 and 0 <= y0 and y1 <= 128
+        arr = np.asarray(img).astype(int)
+        assert np.abs(arr[(y0 + y1) // 2, (x0 + x1) // 2] - np.array(COLORS[o.color])).max() < 40
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        assert o.cell == (int(cy > 64), int(cx > 64)) and abs(cx - 64) >= 0.07 * 128
+    n_close = sum(len(objs) == 1 and objs[0].box[2] - objs[0].box[0] > 64
+                  for objs in (draw_scene(np.random.default_rng([12, i]), 128, closeup=0.3)[1] for i in range(300)))
+    assert 60 <= n_close <= 120
+    with pytest.raises(ValueError, match="closeup"):
+        draw_scene(np.random.default_rng(0), 128, closeup=1.5)
+
+
+def test_cli_closeup(tmp_path):
+    from ofa_ds.data.__main__ import main
+    out = str(tmp_path / "cu")
+    assert main(["synthetic", "--out", out, "--size", "tiny", "--image-size", "64", "--closeup", "1"]) == 0
+    man = json.load(open(os.path.join(out, "manifest.json")))
+    assert man["closeup"] == 1.0
+    with open(os.path.join(out, "caption/caption_stage1_train.tsv")) as fh:
+        caps = [line.split("\t")[2] for line in fh]
+    assert len(caps) == 24 and all(" and " not in c and "," not in c for c in caps)
