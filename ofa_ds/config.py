@@ -67,6 +67,10 @@ class ModelConfig:
     """NormFormer: LayerNorm inside the FFN (ffn_layernorm)."""
     scale_heads: bool = True
     """NormFormer: one learnable scale per head on the attention output (c_attn)."""
+    normformer_init: float = 1.0
+    """Initial weight of the NormFormer LayerNorms (attn_ln, self_attn_ln, cross_attn_ln, ffn_layernorm) in a
+    fresh model; OFA: 1. Smaller values start each attention/FFN branch small next to the residual stream (the
+    default CPU run uses 0.1, README "The default run"). Loaded weights replace it."""
     frozen_bn: bool = False
     """Use FrozenBatchNorm2d in the ResNet (OFA's --freeze-resnet); plain BatchNorm2d otherwise."""
     dropout: float = 0.0
@@ -90,6 +94,8 @@ class ModelConfig:
             raise ValueError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
         if self.kernel_backend not in ("torch", "triton", "auto"):
             raise ValueError(f"kernel_backend must be 'torch', 'triton' or 'auto', got {self.kernel_backend!r}")
+        if not self.normformer_init >= 0:
+            raise ValueError(f"normformer_init must be >= 0, got {self.normformer_init}")
         if len(self.resnet_layers) != 3:
             raise ValueError(f"resnet_layers needs three stage depths, got {self.resnet_layers}")
 

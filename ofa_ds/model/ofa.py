@@ -288,6 +288,17 @@ def bert_init_(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
+NORMFORMER_LN = ("attn_ln", "self_attn_ln", "cross_attn_ln", "ffn_layernorm")
+
+
+@torch.no_grad()
+def normformer_init_(module: nn.Module, gain: float) -> None:
+    """Set the weight of every NormFormer LayerNorm under `module` to `gain` (ModelConfig.normformer_init)."""
+    for name, m in module.named_modules():
+        if isinstance(m, nn.LayerNorm) and name.rsplit(".", 1)[-1] in NORMFORMER_LN:
+            m.weight.fill_(gain)
+
+
 class OFAModel(nn.Module):
     """OFA: `model(src_tokens, patch_images, patch_masks, prev_output_tokens)` → logits [B, T, V].
 
@@ -305,11 +316,14 @@ class OFAModel(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """OFA's BERT-style init (§4.9): Linear/Embedding N(0, 0.02), padding row 0, LayerNorm (1, 0), ResNet kaiming."""
+        """OFA's BERT-style init (§4.9): Linear/Embedding N(0, 0.02), padding row 0, LayerNorm (1, 0), ResNet kaiming;
+        then the NormFormer LayerNorm weights set to cfg.normformer_init where that is not 1."""
         for name, m in self.named_modules():
             if not (".embed_images" in name or name.endswith("embed_images")):
                 bert_init_(m)
         self.encoder.embed_images.reset_parameters()
+        if self.cfg.normformer_init != 1.0:
+            normformer_init_(self, self.cfg.normformer_init)
 
     def encode(self, src_tokens: Tensor, patch_images: Tensor | None = None, patch_masks: Tensor | None = None,
                sample_patch_num: int | None = None) -> EncoderOut:

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from ofa_ds.config import ModelConfig
 from ofa_ds.model.layers import DecoderLayer, EncoderLayer, LayerNorm
 from ofa_ds.model.ofa import (PAD, Decoder, Encoder, EncoderOut, add_decoder_embeddings, add_encoder_embeddings,
-                              bert_init_)
+                              bert_init_, normformer_init_)
 from ofa_ds.model.positions import make_decoder_image_position_idx, make_image_rp_bucket, make_token_rp_bucket
 from ofa_ds.model.resnet import ResNet, linspace
 
@@ -462,19 +462,22 @@ def build_pipeline(cfg: ModelConfig, num_stages: int = 2, loss_fn: Callable | No
     module = OFAPipelineModule(_layer_specs(cfg, sample_patch_num), num_stages=num_stages,
                                loss_fn=loss_fn or PipeLoss(), partition_method=partition_method,
                                dynamic_shape=dynamic_shape, **ac, **kw)
-    reset_parameters(module)
+    reset_parameters(module, cfg.normformer_init)
     return module
 
 
 @torch.no_grad()
-def reset_parameters(module) -> None:
-    """OFAModel's init (BERT-style N(0, 0.02), padding row 0, LayerNorm (1, 0), ResNet kaiming) on this stage's
-    layers, then the tied table is re-broadcast so every stage holds stage 0's copy."""
+def reset_parameters(module, normformer_init: float = 1.0) -> None:
+    """OFAModel's init (BERT-style N(0, 0.02), padding row 0, LayerNorm (1, 0), ResNet kaiming, NormFormer
+    LayerNorm weights = normformer_init) on this stage's layers, then the tied table is re-broadcast so every stage
+    holds stage 0's copy."""
     for name, m in module.named_modules():
         if isinstance(m, ResNet):
             m.reset_parameters()
         elif ".embed_images." not in name:
             bert_init_(m)
+    if normformer_init != 1.0:
+        normformer_init_(module, normformer_init)
     module._synchronize_tied_weights()
 
 

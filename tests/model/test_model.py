@@ -150,3 +150,19 @@ def test_flops_scale_with_inputs():
     with torch.device("meta"):
         n = OFAModel(cfg).num_params()
     assert 0.3 < text / (2 * n * 1024) < 3
+
+
+def test_normformer_init_sets_only_the_normformer_layernorms():
+    """normformer_init=g gives exactly the 20 NormFormer LayerNorm weights of Tiny (encoder attn_ln/ffn_layernorm,
+    decoder self_attn_ln/cross_attn_ln/ffn_layernorm) the value g; every other parameter is drawn as with 1."""
+    cfg = preset("tiny", vocab_size=600, max_source_positions=64, max_target_positions=64)
+    torch.manual_seed(0)
+    ref = OFAModel(cfg).state_dict()
+    torch.manual_seed(0)
+    m = OFAModel(preset("tiny", vocab_size=600, max_source_positions=64, max_target_positions=64,
+                        normformer_init=0.1))
+    changed = sorted(k for k, v in m.state_dict().items() if not torch.equal(v, ref[k]))
+    assert len(changed) == 20 and all(k.endswith(("attn_ln.weight", "ffn_layernorm.weight")) for k in changed)
+    assert all(torch.all(m.state_dict()[k] == 0.1) for k in changed)
+    with pytest.raises(ValueError, match="normformer_init"):
+        ModelConfig(normformer_init=-1.0)
