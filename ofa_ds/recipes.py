@@ -41,9 +41,10 @@ def _pretrain_eval(image_size: int, max_samples: int = 256) -> EvalConfig:
                          "refcoco": _syn("refcoco", "refcoco_train.tsv")})
 
 
-NORMFORMER_INIT = 0.1
-
 # ---- pretraining ----------------------------------------------------------------------------------------------------
+NORMFORMER_INIT = 0.1   # the default run's NormFormer LayerNorm start weight (OFA: 1); see default()
+
+
 def default() -> RunConfig:
     """The headline CPU run: OFA-Tiny on the synthetic vision-language mixture (captioning, VQA, grounding, grounded
     captioning, two kinds of image-text matching), 64 px, 850 steps of 8 rows (16 samples), fp32, ~7.5 minutes on
@@ -62,8 +63,7 @@ def default() -> RunConfig:
                         weight_decay=0.01, sample_patch_num=0, log_every=25, save_every=0, progress=True)
     return RunConfig(name="default", out_dir="runs/default", ds_config="ds_configs/cpu_fp32.json",
                      synthetic_root=SYNTHETIC_ROOT, model=preset("tiny", normformer_init=NORMFORMER_INIT), data=data,
-                     train=train,
-                     eval=_pretrain_eval(size))
+                     train=train, eval=_pretrain_eval(size))
 
 
 def _pretrain(size: str) -> RunConfig:

@@ -75,8 +75,7 @@ def draw_scene(rng: np.random.Generator, size: int = 256, max_objects: int = 4,
         s = min(int(rng.integers(int(size * object_size[0]), int(size * object_size[1]))), half - 8)
         x0 = c * half + int(rng.integers(4, half - s - 3))
         y0 = r * half + int(rng.integers(4, half - s - 3))
-        _draw(d, kind, x0, y0, s, COLORS[col])
-        objs.append(Obj(col, kind, (x0, y0, x0 + s + 1, y0 + s + 1), (r, c)))
+        objs.append(Obj(col, kind, _draw(d, kind, x0, y0, s, COLORS[col]), (r, c)))
     objs.sort(key=lambda o: (o.box[0] + o.box[2], o.box[1]))
     return img, objs
 
@@ -90,7 +89,8 @@ def _background(rng: np.random.Generator, size: int, plain: bool) -> Image.Image
                            .astype(np.uint8))
 
 
-def _draw(d: ImageDraw.ImageDraw, kind: str, x0: int, y0: int, s: int, fill) -> None:
+def _draw(d: ImageDraw.ImageDraw, kind: str, x0: int, y0: int, s: int, fill) -> tuple[int, int, int, int]:
+    """Draw one shape of side s at (x0, y0); returns its box (x0, y0, x1, y1), end-exclusive."""
     x1, y1 = x0 + s, y0 + s
     if kind == "circle":
         d.ellipse([x0, y0, x1, y1], fill=fill)
@@ -100,6 +100,7 @@ def _draw(d: ImageDraw.ImageDraw, kind: str, x0: int, y0: int, s: int, fill) -> 
         d.polygon([(x0 + s / 2, y0), (x1, y1), (x0, y1)], fill=fill)
     else:
         d.polygon([(x0 + s / 2, y0), (x1, y0 + s / 2), (x0 + s / 2, y1), (x0, y0 + s / 2)], fill=fill)
+    return x0, y0, x1 + 1, y1 + 1
 
 
 def _closeup(rng: np.random.Generator, size: int, plain: bool) -> tuple[Image.Image, list[Obj]]:
@@ -111,8 +112,7 @@ def _closeup(rng: np.random.Generator, size: int, plain: bool) -> tuple[Image.Im
     cx, cy = ((0.5 + (1 if k else -1) * rng.uniform(0.08, 0.12)) * size for k in (c, r))
     x0 = int(np.clip(cx - s / 2, 1, size - s - 2))
     y0 = int(np.clip(cy - s / 2, 1, size - s - 2))
-    _draw(ImageDraw.Draw(img), kind, x0, y0, s, COLORS[col])
-    return img, [Obj(col, kind, (x0, y0, x0 + s + 1, y0 + s + 1), (r, c))]
+    return img, [Obj(col, kind, _draw(ImageDraw.Draw(img), kind, x0, y0, s, COLORS[col]), (r, c))]
 
 
 def caption_of(objs: list[Obj], reverse: bool = False) -> str:

@@ -317,13 +317,12 @@ class OFAModel(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """OFA's BERT-style init (§4.9): Linear/Embedding N(0, 0.02), padding row 0, LayerNorm (1, 0), ResNet kaiming;
-        then the NormFormer LayerNorm weights set to cfg.normformer_init where that is not 1."""
+        then the NormFormer LayerNorm weights set to cfg.normformer_init (1 = OFA's init)."""
         for name, m in self.named_modules():
             if not (".embed_images" in name or name.endswith("embed_images")):
                 bert_init_(m)
         self.encoder.embed_images.reset_parameters()
-        if self.cfg.normformer_init != 1.0:
-            normformer_init_(self, self.cfg.normformer_init)
+        normformer_init_(self, self.cfg.normformer_init)
 
     def encode(self, src_tokens: Tensor, patch_images: Tensor | None = None, patch_masks: Tensor | None = None,
                sample_patch_num: int | None = None) -> EncoderOut:

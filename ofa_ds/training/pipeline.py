@@ -476,8 +476,7 @@ def reset_parameters(module, normformer_init: float = 1.0) -> None:
             m.reset_parameters()
         elif ".embed_images." not in name:
             bert_init_(m)
-    if normformer_init != 1.0:
-        normformer_init_(module, normformer_init)
+    normformer_init_(module, normformer_init)
     module._synchronize_tied_weights()
 
 
