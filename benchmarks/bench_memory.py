@@ -419,4 +419,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ofa_ds.training.ports import exit_process
+    exit_process(main())   # not sys.exit: see ports.exit_process

@@ -158,4 +158,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ofa_ds.training.ports import exit_process
+    exit_process(main())   # not sys.exit: see ports.exit_process

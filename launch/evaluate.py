@@ -224,4 +224,5 @@ def _subset(batch: dict, keep: list[int]) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ofa_ds.training.ports import exit_process
+    exit_process(main())   # not sys.exit: see ports.exit_process

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import socket
+import sys
 
 import deepspeed
 import torch
@@ -76,4 +77,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # a checkout too
+    from ofa_ds.training.ports import exit_process
     main()
+    exit_process(0)   # not a plain return: see ofa_ds.training.ports.exit_process
