@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None, default_recipe: str = "default", descrip
 
 
 def _shutdown_distributed() -> None:
-    """Tear the process group down before the interpreter exits: a gloo group still alive at exit can abort
-    the process ("terminate called without an active exception") after a successful run."""
+    """Let every rank finish before rank 0 reports, then tear the default process group down. The launch scripts
+    still leave through ports.exit_process: the engine keeps its own gloo groups alive past this call."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
