@@ -251,9 +251,8 @@ class Trainer:
             zero = sum((0.0 * x.float().sum() for x in (logits if not finite else extra)), out.loss.new_zeros(()))
             self.engine.backward(loss + zero)
             if k == gas - 1 and self.zero == 0:        # DeepSpeed reports no norm without ZeRO: measure it
-                sq = [p.grad.detach().float().pow(2).sum() for p in self.engine.module.parameters()
-                      if p.grad is not None]
-                self._grad_norm = float(torch.stack(sq).sum().sqrt()) if sq else 0.0
+                gs = [p.grad.detach().float() for p in self.engine.module.parameters() if p.grad is not None]
+                self._grad_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs)))) if gs else 0.0
             self.engine.step()
         self.skipped += int(bad > 0)
         if self.run_cfg.train.record_ids:

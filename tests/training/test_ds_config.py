@@ -1,4 +1,5 @@
 """ds_configs/*.json: every file fills from a RunConfig and passes DeepSpeed's own parser; disagreements raise."""
+import copy
 import glob
 import json
 import os
@@ -115,11 +116,25 @@ def _fused_engine_step(E, torch):
     run = RunConfig(train=TrainConfig(lr=1e-3, max_steps=10, warmup_steps=0))
     run.data.batch_size = 2
     ds = build_ds_config(os.path.join(ROOT, "ds_configs", "cpu_fp32.json"), run, world_size=1)
+    torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
+    ref = copy.deepcopy(model)
     eng = E.initialize(model, run, ds)
     opt = eng.optimizer
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
+    # one rank, no ZeRO: the identity all-reduce is skipped (it only flattened and copied every gradient)
+    assert eng.enable_backward_allreduce is False
     before = model.weight.detach().clone()
-    eng.backward(eng(torch.randn(2, 4)).pow(2).sum())
+    x = torch.randn(2, 4)
+    eng.backward(eng(x).pow(2).sum())
     eng.step()
     assert not torch.equal(before, model.weight.detach())
+    # ... and the step is exactly plain PyTorch's: same loss, clipping and AdamW update
+    t = run.train
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=t.lr, betas=t.betas, eps=t.adam_eps,
+                                weight_decay=t.weight_decay, fused=True)
+    ref(x).pow(2).sum().backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), t.clip_norm)
+    ref_opt.step()
+    torch.testing.assert_close(model.weight.detach(), ref.weight.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(model.bias.detach(), ref.bias.detach(), rtol=1e-6, atol=1e-7)
