@@ -47,7 +47,7 @@ NORMFORMER_INIT = 0.1   # the default run's NormFormer LayerNorm start weight (O
 
 def default() -> RunConfig:
     """The headline CPU run: OFA-Tiny on the synthetic vision-language mixture (captioning, VQA, grounding, grounded
-    captioning, two kinds of image-text matching), 64 px, 850 steps of 8 rows (16 samples), fp32, ~7.5 minutes on
+    captioning, two kinds of image-text matching), 64 px, 850 steps of 8 rows (16 samples), fp32, ~6.5 minutes on
     2 cores. The "v2" extras (text/image infilling, detection) are off: each would add a second forward per step
     and, through OFA's pair loss, take half of every gradient; pretrain_* recipes keep them. Augmentation is off:
     RandomAugment's Equalize/AutoContrast/Brightness change the colours the questions ask about, and without it the
