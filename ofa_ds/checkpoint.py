@@ -118,6 +118,7 @@ def config_from_checkpoint(ckpt: dict, state: dict[str, torch.Tensor]) -> ModelC
         token_bucket_size=get("token_bucket_size", base.token_bucket_size),
         image_bucket_size=get("image_bucket_size", base.image_bucket_size),
         attn_scale_factor=float(get("attn_scale_factor", base.attn_scale_factor)),
+        entangle_position_embedding=bool(get("entangle_position_embedding", base.entangle_position_embedding)),
         code_image_size=code_image_size,
         scale_attn="encoder.layers.0.attn_ln.weight" in state,
         scale_fc="encoder.layers.0.ffn_layernorm.weight" in state,
@@ -195,6 +196,7 @@ def _namespace_for(cfg: ModelConfig) -> argparse.Namespace:
         image_bucket_size=cfg.image_bucket_size, attn_scale_factor=cfg.attn_scale_factor,
         code_image_size=cfg.code_image_size, scale_attn=cfg.scale_attn, scale_fc=cfg.scale_fc,
         scale_heads=cfg.scale_heads, scale_resids=False, disable_entangle=True, freeze_resnet=cfg.frozen_bn,
+        entangle_position_embedding=cfg.entangle_position_embedding,
         share_all_embeddings=True, encoder_normalize_before=True, decoder_normalize_before=True,
         add_type_embedding=True, layernorm_embedding=True, patch_layernorm_embedding=True,
         code_layernorm_embedding=True, num_bins=cfg.num_bins, bpe="gpt2" if cfg.vocab_size > 40000 else "bert")

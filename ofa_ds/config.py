@@ -71,6 +71,10 @@ class ModelConfig:
     """Initial weight of the NormFormer LayerNorms (attn_ln, self_attn_ln, cross_attn_ln, ffn_layernorm) in a
     fresh model; OFA: 1. Smaller values start each attention/FFN branch small next to the residual stream (the
     default CPU run uses 0.1, README "The default run"). Loaded weights replace it."""
+    entangle_position_embedding: bool = False
+    """OFA's --entangle-position-embedding (off in every released config): the encoder also *adds* the raw
+    position embeddings to its token and image-patch embeddings (before their LayerNorms), besides the attention
+    biases. No new parameters; the decoder is unchanged (disable_entangle)."""
     frozen_bn: bool = False
     """Use FrozenBatchNorm2d in the ResNet (OFA's --freeze-resnet); plain BatchNorm2d otherwise."""
     dropout: float = 0.0

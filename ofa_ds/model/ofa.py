@@ -2,8 +2,9 @@
 
 What is unusual about OFA, and what this file does about it:
   * Image tokens come first: a truncated ResNet turns the image into h·w tokens (own LayerNorm, type embedding 1),
-    then the text tokens follow (type embedding 0). No position embedding is ever *added* to a token embedding
-    (disable_entangle in every released config): positions enter only through attention biases.
+    then the text tokens follow (type embedding 0). No position embedding is *added* to a token embedding
+    (entangle off, disable_entangle on in every released config): positions enter only through attention biases.
+    `entangle_position_embedding` (OFA's flag) also adds the raw encoder positions before the embedding LayerNorms.
   * Absolute-position bias, shared by all layers: layer-normed position embeddings → pos_q/pos_k linears →
     q·kᵀ per head. Relative-position bias, one table per layer: 1-D buckets on the text×text block, 2-D buckets
     on the image×image block, nothing on the mixed blocks. Cross-attention gets only the absolute term, its key
@@ -118,9 +119,13 @@ class Encoder(nn.Module):
         b, L = src_tokens.shape
         # Embedding modules are always *called* (never their .weight read): ZeRO-3 gathers parameters per call.
         types = self.type_embedding(torch.arange(2, device=src_tokens.device))                  # [2, C]
-        x = self.layernorm_embedding(self.embed_tokens(src_tokens) + types[0])
+        raw_pos = self.embed_positions(torch.arange(L, device=src_tokens.device))          # [L, C]
+        x = self.embed_tokens(src_tokens) + types[0]
+        if self.cfg.entangle_position_embedding:
+            x = x + raw_pos
+        x = self.layernorm_embedding(x)
         pad = src_tokens.eq(PAD)
-        pos = self.pos_ln(self.embed_positions(torch.arange(L, device=src_tokens.device)))[None].expand(b, -1, -1)
+        pos = self.pos_ln(raw_pos)[None].expand(b, -1, -1)
         image_pid = None
         if patch_images is not None:
             feats = self.embed_images(patch_images)                                   # [B, 1024, h, w]
@@ -136,8 +141,12 @@ class Encoder(nn.Module):
                 feats = feats.gather(1, order[..., None].expand(-1, -1, feats.shape[-1]))
                 image_pid = image_pid.gather(1, order)
                 img_pad = img_pad.gather(1, order)
-            xi = self.patch_layernorm_embedding(self.image_proj(feats) + types[1])
-            pi = self.image_pos_ln(self.embed_image_positions(image_pid))
+            raw_ipos = self.embed_image_positions(image_pid)
+            xi = self.image_proj(feats) + types[1]
+            if self.cfg.entangle_position_embedding:
+                xi = xi + raw_ipos
+            xi = self.patch_layernorm_embedding(xi)
+            pi = self.image_pos_ln(raw_ipos)
             x, pad, pos = torch.cat([xi, x], 1), torch.cat([img_pad, pad], 1), torch.cat([pi, pos], 1)
         x = F.dropout(x, self.cfg.dropout, self.training)
         has_pad = bool(pad.any())

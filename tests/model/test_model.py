@@ -166,3 +166,38 @@ def test_normformer_init_sets_only_the_normformer_layernorms():
     assert all(torch.all(m.state_dict()[k] == 0.1) for k in changed)
     with pytest.raises(ValueError, match="normformer_init"):
         ModelConfig(normformer_init=-1.0)
+
+
+def test_entangle_position_embedding_adds_raw_positions_before_the_layernorms(tmp_path):
+    """OFA's --entangle-position-embedding: same parameters (identical state-dict keys), the encoder adds the raw
+    position embeddings to the text and image-patch embeddings before their LayerNorms; off (every released config)
+    nothing is added. The flag survives an official .pt round trip."""
+    from ofa_ds.checkpoint import load_official, save_official
+    kw = dict(vocab_size=600)
+    torch.manual_seed(0)
+    off = OFAModel(preset("tiny", **kw)).eval()
+    on = OFAModel(preset("tiny", entangle_position_embedding=True, **kw)).eval()
+    assert set(on.state_dict()) == set(off.state_dict())
+    on.load_state_dict(off.state_dict())
+    src = torch.tensor([[0, 5, 9, 17, 2], [0, 33, 2, 1, 1]])
+    img = torch.randn(2, 3, 64, 64)
+    e = on.encoder
+    with torch.no_grad():
+        types = e.type_embedding.weight
+        feats = e.embed_images(img).flatten(2).transpose(1, 2)                          # [2, 16, 1024]
+        pid = e.embed(src, img)["image_pid"]
+        for model, add in ((off, 0.0), (on, 1.0)):
+            x = model.encoder.embed(src, img)["x"]
+            want_img = e.patch_layernorm_embedding(e.image_proj(feats) + types[1] + add * e.embed_image_positions(pid))
+            want_txt = e.layernorm_embedding(e.embed_tokens(src) + types[0] + add * e.embed_positions.weight[:5])
+            want_txt = want_txt * src.ne(1)[..., None]                                 # padding zeroed
+            assert torch.allclose(x[:, :16], want_img, atol=1e-5)
+            assert torch.allclose(x[:, 16:], want_txt, atol=1e-5)
+        prev = torch.tensor([[0, 7, 8], [0, 9, 1]])
+        assert not torch.allclose(on(src, img, None, prev), off(src, img, None, prev))
+    path = str(tmp_path / "ent.pt")
+    save_official(on, path)
+    back = load_official(path).eval()
+    assert back.cfg.entangle_position_embedding
+    with torch.no_grad():
+        assert torch.equal(back(src, img, None, prev), on(src, img, None, prev))
