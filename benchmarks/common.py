@@ -13,6 +13,9 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def git_commit() -> str:
+    """HEAD's short hash; OFA_DS_COMMIT overrides it (a copied tree without .git, e.g. on a benchmark machine)."""
+    if os.environ.get("OFA_DS_COMMIT"):
+        return os.environ["OFA_DS_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)

@@ -121,11 +121,18 @@ def caption_of(objs: list[Obj], reverse: bool = False) -> str:
 
 
 QUESTION_TYPES = ("color", "shape", "count", "position")
+# Question types that name the object by its grid cell instead of by an attribute ("the shape at the top left").
+CELL_QUESTION_TYPES = ("color_at", "shape_at")
+ALL_QUESTION_TYPES = QUESTION_TYPES + CELL_QUESTION_TYPES
+
+
+def cell_name(o: Obj) -> str:
+    return f"{'top' if o.cell[0] == 0 else 'bottom'} {'left' if o.cell[1] == 0 else 'right'}"
 
 
 def question_of(objs: list[Obj], rng: np.random.Generator, types=QUESTION_TYPES) -> tuple[str, str, str]:
     """(question, answer, answer type) with the type drawn uniformly from `types`."""
-    qt = QUESTION_TYPES.index(types[int(rng.integers(len(types)))])
+    qt = ALL_QUESTION_TYPES.index(types[int(rng.integers(len(types)))])
     o = objs[int(rng.integers(len(objs)))]
     if qt == 0:
         return f"what color is the {o.kind}?", o.color, "color"
@@ -133,7 +140,11 @@ def question_of(objs: list[Obj], rng: np.random.Generator, types=QUESTION_TYPES)
         return f"what shape is the {o.color} object?", o.kind, "shape"
     if qt == 2:
         return "how many shapes are there?", str(len(objs)), "how many"
-    return f"is the {o.name} on the left or the right?", ("left" if o.cell[1] == 0 else "right"), "position"
+    if qt == 3:
+        return f"is the {o.name} on the left or the right?", ("left" if o.cell[1] == 0 else "right"), "position"
+    if qt == 4:
+        return f"what color is the shape at the {cell_name(o)}?", o.color, "color"
+    return f"what shape is at the {cell_name(o)}?", o.kind, "shape"
 
 
 def expression_of(o: Obj, rng: np.random.Generator) -> str:
@@ -188,8 +199,8 @@ def generate(out: str, seed: int = 1, size: str = "small", image_size: int = 256
     `plain` are draw_scene's (bigger objects on a flat background are easier to see at small image sizes)."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}")
-    if not 1 <= max_objects <= 4 or not vqa_types or set(vqa_types) - set(QUESTION_TYPES):
-        raise ValueError(f"max_objects must be 1..4 and vqa_types a subset of {QUESTION_TYPES}")
+    if not 1 <= max_objects <= 4 or not vqa_types or set(vqa_types) - set(ALL_QUESTION_TYPES):
+        raise ValueError(f"max_objects must be 1..4 and vqa_types a subset of {ALL_QUESTION_TYPES}")
     if train_scenes < 0 or vl_qa_rows < 0:
         raise ValueError(f"train_scenes and vl_qa_rows must be >= 0, got {train_scenes}, {vl_qa_rows}")
     t0 = time.time()
@@ -248,7 +259,7 @@ def generate(out: str, seed: int = 1, size: str = "small", image_size: int = 256
                 gt = "&&".join(o.kind for o in objs)
                 w("vision_language", f"{sid}_c", b64, cap, "", "", gt, "synthetic", "caption")
                 for k in range(vl_qa_rows):
-                    q, a, at = question_of(objs, rng)
+                    q, a, at = question_of(objs, rng, vqa_types)
                     all_answers.setdefault(a, at)
                     w("vision_language", f"{sid}_q" + (str(k) if k else ""), b64, cap, q, f"1.0|!+{a}", gt,
                       "synthetic", "qa")

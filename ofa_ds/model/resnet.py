@@ -8,6 +8,7 @@ trained with --freeze-resnet. Module names equal the official `encoder.embed_ima
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -49,13 +50,38 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(n))
 
     def forward(self, x: Tensor) -> Tensor:
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
-        return x * scale[None, :, None, None] + shift[None, :, None, None]
+        scale = self.weight.float() * (self.running_var.float() + self.eps).rsqrt()
+        shift = self.bias.float() - self.running_mean.float() * scale
+        return x * scale.to(x.dtype)[None, :, None, None] + shift.to(x.dtype)[None, :, None, None]
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d that normalises bf16/fp16 inputs in fp32 and returns the input's dtype.
+
+    DeepSpeed's bf16/fp16 modes cast the parameters (weight, bias) but not the buffers (running statistics), and
+    torch's batch_norm rejects that mix (bf16 input and weight, fp32 running_mean). Statistics stay in their own
+    dtype (fp32 unless the whole module was cast), which is also the more accurate place to accumulate them.
+    Same parameters, buffers and state-dict keys as nn.BatchNorm2d; fp32 inputs take nn.BatchNorm2d's path."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype not in (torch.float16, torch.bfloat16):
+            return super().forward(x)
+        stat = self.running_mean.dtype if self.running_mean is not None else torch.float32
+        factor = 0.0
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
+        use_batch = self.training or self.running_mean is None
+        w = self.weight.to(stat) if self.weight is not None else None
+        b = self.bias.to(stat) if self.bias is not None else None
+        keep = not self.training or self.track_running_stats
+        y = F.batch_norm(x.to(stat), self.running_mean if keep else None, self.running_var if keep else None,
+                         w, b, use_batch, factor, self.eps)
+        return y.to(x.dtype)
 
 
 def _norm(n: int, frozen: bool) -> nn.Module:
-    return FrozenBatchNorm2d(n) if frozen else nn.BatchNorm2d(n, eps=1e-5, momentum=0.1)
+    return FrozenBatchNorm2d(n) if frozen else BatchNorm2d(n, eps=1e-5, momentum=0.1)
 
 
 class Bottleneck(nn.Module):

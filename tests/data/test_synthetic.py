@@ -142,3 +142,32 @@ def test_cli_closeup(tmp_path):
     with open(os.path.join(out, "caption/caption_stage1_train.tsv")) as fh:
         caps = [line.split("\t")[2] for line in fh]
     assert len(caps) == 24 and all(" and " not in c and "," not in c for c in caps)
+
+
+def test_cell_questions_name_the_object_in_that_cell(tmp_path):
+    """color_at / shape_at: the answer is the colour / kind of the object drawn in the named quadrant (checked on
+    the pixels for colour), and vqa_types also decides the pretraining file's qa rows."""
+    for i in range(60):
+        rng = np.random.default_rng([11, i])
+        img, objs = draw_scene(rng, 256)
+        q, a, t = question_of(objs, rng, ("color_at", "shape_at"))
+        words = q.rstrip("?").split()
+        row, col = (0 if words[-2] == "top" else 1), (0 if words[-1] == "left" else 1)
+        (o,) = [o for o in objs if o.cell == (row, col)]
+        half = 128
+        assert row * half <= (o.box[1] + o.box[3]) / 2 < (row + 1) * half
+        assert col * half <= (o.box[0] + o.box[2]) / 2 < (col + 1) * half
+        if t == "color":
+            assert q.startswith("what color is the shape at the") and a == o.color
+            cx, cy = (o.box[0] + o.box[2]) // 2, (o.box[1] + o.box[3]) // 2 + (o.box[3] - o.box[1]) // 4
+            assert tuple(np.asarray(img)[cy, cx]) == COLORS[a]
+        else:
+            assert t == "shape" and q.startswith("what shape is at the") and a == o.kind
+    out = str(tmp_path / "cells")
+    generate(out, size="tiny", vqa_types=("color_at", "shape_at"))
+    for f, col in (("vqa/vqa_train.tsv", 2), ("pretrain/vision_language_examples.tsv", 3)):
+        with open(os.path.join(out, f)) as fh:
+            qs = [c[col] for c in (line.rstrip("\n").split("\t") for line in fh) if c[col]]
+        assert qs and all(" at the " in q for q in qs), f
+    with pytest.raises(ValueError, match="vqa_types"):
+        generate(str(tmp_path / "bad"), size="tiny", vqa_types=("colour_at",))

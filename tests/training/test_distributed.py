@@ -61,3 +61,15 @@ def test_finetune_from_official_checkpoint(tmp_path, synthetic_root):
     # training moved the weights away from the imported ones (frozen token table excepted: the recipe freezes it)
     moved = [k for k, v in tuned.state_dict().items() if not torch.equal(v, src.state_dict()[k])]
     assert moved and "encoder.embed_tokens.weight" not in moved
+
+
+@pytest.mark.parametrize("cfg", ["zero1_bf16", "zero3_bf16"])
+def test_bf16_configs_train_through_the_resnet(tmp_path, synthetic_root, cfg):
+    """The A100/H100 configs: DeepSpeed casts parameters to bf16 but leaves BatchNorm's running statistics in fp32;
+    the ResNet must accept that (it failed at its first BatchNorm before ofa_ds.model.resnet.BatchNorm2d)."""
+    out = str(tmp_path / cfg)
+    rep = last_json(launch(["--steps", "2", "--out", out, "--ds-config", f"ds_configs/{cfg}.json"], synthetic_root,
+                           sets=QUICK))
+    assert rep["precision"] == "bf16" and rep["zero_stage"] == int(cfg[4])
+    losses = step_losses(out)
+    assert sorted(losses) == [1, 2] and all(0 < v < 20 for v in losses.values())
