@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import string
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -177,13 +178,34 @@ def _column(path: str, col: int, limit: int = 200_000) -> list[str]:
     return out
 
 
+def _best_answer(answers: str) -> str:
+    items = [x.split("|!+", 1) if "|!+" in x else ("1.0", x) for x in answers.split("&&")]
+    return max(items, key=lambda t: float(t[0]))[1]
+
+
+@dataclass(frozen=True)
+class VQABaselines:
+    majority: str                      # always answer this
+    by_question: dict[str, str]        # question_key -> its most frequent training answer
+
+
 def majority_answer(vqa_train_tsv: str) -> str:
     """Most frequent best answer of an official-format VQA TSV (answers in column 3)."""
-    best = []
-    for a in _column(vqa_train_tsv, 3):
-        items = [x.split("|!+", 1) if "|!+" in x else ("1.0", x) for x in a.split("&&")]
-        best.append(max(items, key=lambda t: float(t[0]))[1])
-    return Counter(best).most_common(1)[0][0]
+    return Counter(_best_answer(a) for a in _column(vqa_train_tsv, 3)).most_common(1)[0][0]
+
+
+def question_key(question: str) -> str:
+    return " ".join(question.lower().strip().rstrip("?").split())
+
+
+def vqa_baselines(vqa_train_tsv: str) -> VQABaselines:
+    """The majority answer and, per training question text, its most frequent best answer: the question-only
+    prior, i.e. what a model that never looks at the image can score (unseen questions get the majority)."""
+    per: dict[str, Counter] = {}
+    for q, a in zip(_column(vqa_train_tsv, 2), _column(vqa_train_tsv, 3)):
+        per.setdefault(question_key(q), Counter())[_best_answer(a)] += 1
+    majority = majority_answer(vqa_train_tsv)
+    return VQABaselines(majority, {q: c.most_common(1)[0][0] for q, c in per.items()})
 
 
 def majority_caption(caption_train_tsv: str) -> str:
@@ -203,7 +225,13 @@ def summarise(task: str, records: list[dict], baseline: Any, tok) -> dict[str, f
     if "pred_answer" in records[0]:
         out[f"{task}_acc"] = sum(r["ref"].get(r["pred_answer"], 0.0) for r in records) / len(records)
         if baseline is not None:
-            out[f"{task}_majority_baseline"] = sum(r["ref"].get(baseline, 0.0) for r in records) / len(records)
+            prior = baseline if isinstance(baseline, VQABaselines) else None
+            majority = prior.majority if prior else baseline
+            out[f"{task}_majority_baseline"] = sum(r["ref"].get(majority, 0.0) for r in records) / len(records)
+            if prior and all(r.get("question") is not None for r in records):
+                out[f"{task}_question_prior_baseline"] = sum(
+                    r["ref"].get(prior.by_question.get(question_key(r["question"]), majority), 0.0)
+                    for r in records) / len(records)
     if "caption" in records[0]:
         refs = [r["refs"] for r in records]
         out[f"{task}_cider"] = cider([r["caption"] for r in records], refs)
@@ -244,8 +272,9 @@ def evaluate_task(model, task: str, batches, tok, *, device, dtype, max_len: int
         if cand_ids is not None and "ref_dict" in raw:
             prompts = raw.get("decoder_prompt") or [[BOS]] * len(ids)
             best = candidate_scores(model, b, cand_ids, prompts).argmax(-1).tolist()
-            records += [{"id": i, "pred_answer": cand_names[k], "ref": r}
-                        for i, k, r in zip(ids, best, raw["ref_dict"])]
+            qs = raw.get("question") or [None] * len(ids)
+            records += [{"id": i, "pred_answer": cand_names[k], "ref": r, "question": q}
+                        for i, k, r, q in zip(ids, best, raw["ref_dict"], qs)]
         elif task == "caption":
             for i, seq, refs in zip(ids, greedy(model, b, max_len), raw["captions"]):
                 records.append({"id": i, "caption": tok.decode(seq), "refs": list(refs)})

@@ -178,7 +178,7 @@ class Trainer:
             ref = ev.reference_stats.get(task, "")
             base = None
             if ref and self.rank == 0:
-                base = {"vqa": EV.majority_answer, "snli_ve": None, "caption": EV.majority_caption,
+                base = {"vqa": EV.vqa_baselines, "snli_ve": None, "caption": EV.majority_caption,
                         "refcoco": EV.mean_box}.get(task)
                 base = base(ref) if base else None
             sets[task] = {"batches": batches, "candidates": cands, "baseline": base}

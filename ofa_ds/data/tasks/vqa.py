@@ -64,4 +64,4 @@ class VQATask(Task):
         ans = self.enc(" " + answer)
         return prompt_layout(self, sid, self.wrap(src), ans, self.cfg.prompt_type, self.trie, image=img,
                              patch_mask=True, conf=ref[answer],
-                             extras={"uniq_id": uniq_id, "ref_dict": ref})
+                             extras={"uniq_id": uniq_id, "ref_dict": ref, "question": question})
