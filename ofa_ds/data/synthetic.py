@@ -81,12 +81,15 @@ def draw_scene(rng: np.random.Generator, size: int = 256, max_objects: int = 4,
 
 
 def _background(rng: np.random.Generator, size: int, plain: bool) -> Image.Image:
-    bg = np.array(BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))], dtype=np.float32)
+    k = int(rng.integers(len(BACKGROUNDS)))
+    bg = np.array(BACKGROUNDS[k], dtype=np.float32)
     grad = np.linspace(-12, 12, size, dtype=np.float32)[:, None, None] * (1 if rng.random() < 0.5 else -1)
     if plain:
-        bg, grad = np.array(BACKGROUNDS[1], dtype=np.float32), 0.0
-    return Image.fromarray(np.clip(bg[None, None, :] + grad + np.zeros((size, size, 3), np.float32), 0, 255)
-                           .astype(np.uint8))
+        k, bg, grad = 1, np.array(BACKGROUNDS[1], dtype=np.float32), 0.0
+    img = Image.fromarray(np.clip(bg[None, None, :] + grad + np.zeros((size, size, 3), np.float32), 0, 255)
+                          .astype(np.uint8))
+    img.info["background"] = BACKGROUND_NAMES[k]
+    return img
 
 
 def _draw(d: ImageDraw.ImageDraw, kind: str, x0: int, y0: int, s: int, fill) -> tuple[int, int, int, int]:
@@ -121,16 +124,21 @@ def caption_of(objs: list[Obj], reverse: bool = False) -> str:
 
 
 QUESTION_TYPES = ("color", "shape", "count", "position")
-# Question types that name the object by its grid cell instead of by an attribute ("the shape at the top left").
+# Question types that name the object by its grid cell instead of by an attribute ("the shape at the top left"),
+# and yes/no questions about the whole scene ("is there a red shape?", "is there a circle?"; yes half the time).
 CELL_QUESTION_TYPES = ("color_at", "shape_at")
-ALL_QUESTION_TYPES = QUESTION_TYPES + CELL_QUESTION_TYPES
+PRESENCE_QUESTION_TYPES = ("has_color", "has_shape")
+SCENE_QUESTION_TYPES = ("bg_color", "first_color", "first_shape")
+ALL_QUESTION_TYPES = QUESTION_TYPES + CELL_QUESTION_TYPES + PRESENCE_QUESTION_TYPES + SCENE_QUESTION_TYPES
+BACKGROUND_NAMES = ["white", "gray", "beige", "light blue", "light green", "pink"]
 
 
 def cell_name(o: Obj) -> str:
     return f"{'top' if o.cell[0] == 0 else 'bottom'} {'left' if o.cell[1] == 0 else 'right'}"
 
 
-def question_of(objs: list[Obj], rng: np.random.Generator, types=QUESTION_TYPES) -> tuple[str, str, str]:
+def question_of(objs: list[Obj], rng: np.random.Generator, types=QUESTION_TYPES,
+                background: str = "") -> tuple[str, str, str]:
     """(question, answer, answer type) with the type drawn uniformly from `types`."""
     qt = ALL_QUESTION_TYPES.index(types[int(rng.integers(len(types)))])
     o = objs[int(rng.integers(len(objs)))]
@@ -144,7 +152,20 @@ def question_of(objs: list[Obj], rng: np.random.Generator, types=QUESTION_TYPES)
         return f"is the {o.name} on the left or the right?", ("left" if o.cell[1] == 0 else "right"), "position"
     if qt == 4:
         return f"what color is the shape at the {cell_name(o)}?", o.color, "color"
-    return f"what shape is at the {cell_name(o)}?", o.kind, "shape"
+    if qt == 5:
+        return f"what shape is at the {cell_name(o)}?", o.kind, "shape"
+    if qt == 8:
+        return "what color is the background?", background, "color"
+    if qt == 9:
+        return "what color is the leftmost shape?", objs[0].color, "color"
+    if qt == 10:
+        return "what is the leftmost shape?", objs[0].kind, "shape"
+    present = [o.color for o in objs] if qt == 6 else [o.kind for o in objs]
+    pool = list(COLORS) if qt == 6 else KINDS
+    yes = bool(rng.random() < 0.5) or len(present) == len(pool)
+    options = present if yes else [v for v in pool if v not in present]
+    v = options[int(rng.integers(len(options)))]
+    return (f"is there a {v} shape?" if qt == 6 else f"is there a {v}?"), ("yes" if yes else "no"), "yes/no"
 
 
 def expression_of(o: Obj, rng: np.random.Generator) -> str:
@@ -244,7 +265,7 @@ def generate(out: str, seed: int = 1, size: str = "small", image_size: int = 256
                 else:
                     w("caption_valid", sid, iid, cap + "&&" + caption_of(objs, reverse=True), kinds, b64)
                 for k in range(q_per if split == "train" else 2):
-                    q, a, at = question_of(objs, rng, vqa_types)
+                    q, a, at = question_of(objs, rng, vqa_types, img.info.get("background", ""))
                     answers.setdefault(a, at)
                     w(f"vqa_{split}", f"{sid}_{k}", iid, q, f"1.0|!+{a}", kinds, b64)
                 for k in range(2):
@@ -259,7 +280,7 @@ def generate(out: str, seed: int = 1, size: str = "small", image_size: int = 256
                 gt = "&&".join(o.kind for o in objs)
                 w("vision_language", f"{sid}_c", b64, cap, "", "", gt, "synthetic", "caption")
                 for k in range(vl_qa_rows):
-                    q, a, at = question_of(objs, rng, vqa_types)
+                    q, a, at = question_of(objs, rng, vqa_types, img.info.get("background", ""))
                     all_answers.setdefault(a, at)
                     w("vision_language", f"{sid}_q" + (str(k) if k else ""), b64, cap, q, f"1.0|!+{a}", gt,
                       "synthetic", "qa")

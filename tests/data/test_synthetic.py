@@ -171,3 +171,27 @@ def test_cell_questions_name_the_object_in_that_cell(tmp_path):
         assert qs and all(" at the " in q for q in qs), f
     with pytest.raises(ValueError, match="vqa_types"):
         generate(str(tmp_path / "bad"), size="tiny", vqa_types=("colour_at",))
+
+
+def test_presence_and_scene_questions_are_true():
+    """has_color / has_shape (yes about half the time), bg_color (the drawn background's name), first_color /
+    first_shape (the object with the leftmost centre)."""
+    from ofa_ds.data.synthetic import BACKGROUND_NAMES, BACKGROUNDS
+    yes = 0
+    for i in range(200):
+        rng = np.random.default_rng([13, i])
+        img, objs = draw_scene(rng, 128, plain=i % 5 == 0)
+        q, a, t = question_of(objs, rng, ("has_color", "has_shape"))
+        word = q[len("is there a "):-1].replace(" shape", "")
+        assert t == "yes/no" and a == ("yes" if word in {o.color for o in objs} | {o.kind for o in objs} else "no")
+        yes += a == "yes"
+        bg = img.info["background"]
+        q, a, t = question_of(objs, rng, ("bg_color",), background=bg)
+        px = np.asarray(img)[64, 0].astype(int)                      # the middle row: no gradient there
+        nearest = min(range(len(BACKGROUNDS)), key=lambda k: np.abs(np.array(BACKGROUNDS[k]) - px).sum())
+        assert a == bg == BACKGROUND_NAMES[nearest] and (i % 5 or bg == "gray")
+        q, a, _ = question_of(objs, rng, ("first_color",))
+        left = min(objs, key=lambda o: o.box[0] + o.box[2])
+        assert q == "what color is the leftmost shape?" and a == left.color
+        assert question_of(objs, rng, ("first_shape",))[1] == left.kind
+    assert 0.4 <= yes / 200 <= 0.7
