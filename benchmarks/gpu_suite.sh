@@ -14,6 +14,9 @@
 #   gpu_tests.log   pytest output (gpu_tests.xml: JUnit)
 #   kernels.csv     benchmark rows (schema in benchmarks/bench_kernels.py); copy the rows you want to keep into
 #                   benchmarks/results/kernels.csv
+# TRAIN=1 adds training throughput (needs deepspeed; ~2-4 more minutes): bench_train.py rows for OFA-Base/Large/Tiny
+# in bf16 ZeRO-1 (TRAIN_SPECS="preset:image:batch ...", TRAIN_DS_CONFIG) into bench_train.csv / bench_train.log.
+# OFA_DS_COMMIT=<hash> records the commit when the tree was copied without .git.
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -58,4 +61,21 @@ timeout $(( budget + 90 )) "$PY" benchmarks/bench_kernels.py --out-dir "$OUT" --
   | tee "$OUT/bench.log"
 bench_status=${PIPESTATUS[0]}
 echo "benchmarks exit status: $bench_status; total $(( $(date +%s) - start )) s; results in $OUT"
-[ "$status" -eq 0 ] && [ "$bench_status" -eq 0 ]
+
+train_status=0
+if [ "${TRAIN:-0}" = "1" ]; then
+  # Training throughput through the real step (DeepSpeed engine, bf16 ZeRO-1, FusedAdam: its first use JIT-builds
+  # the op, ~1 minute); each preset under its own limit so a slow one cannot eat the rest. Needs deepspeed.
+  if "$PY" -c "import deepspeed" 2>/dev/null; then
+    for spec in ${TRAIN_SPECS:-"base:384:16" "large:480:8" "tiny:256:32"}; do
+      IFS=: read -r preset size bs <<< "$spec"
+      timeout "${TRAIN_LIMIT:-240}" "$PY" benchmarks/bench_train.py --preset "$preset" --image-size "$size" \
+          --batch-size "$bs" --ds-config "${TRAIN_DS_CONFIG:-ds_configs/zero1_bf16.json}" --steps 10 --warmup 3 \
+          --csv "$OUT/bench_train.csv" >> "$OUT/bench_train.log" 2>&1 || train_status=$?
+      echo "bench_train $spec: exit $train_status, total $(( $(date +%s) - start )) s"
+    done
+  else
+    echo "deepspeed is not installed: training throughput skipped" | tee "$OUT/bench_train.log"
+  fi
+fi
+[ "$status" -eq 0 ] && [ "$bench_status" -eq 0 ] && [ "$train_status" -eq 0 ]
