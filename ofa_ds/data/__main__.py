@@ -17,7 +17,8 @@ def main(argv=None) -> int:
     s.add_argument("--image-size", type=int, default=256)
     s.add_argument("--max-objects", type=int, default=4, help="1-4 shapes per scene")
     s.add_argument("--vqa-types", default="color,shape,count,position",
-                   help="question types to draw from (also: color_at, shape_at: the object named by its grid cell)")
+                   help="comma-separated question types to draw from; also off-by-default color_at, shape_at, "
+                        "has_color, has_shape, bg_color, first_color, first_shape (see README)")
     s.add_argument("--train-scenes", type=int, default=0, help="training scenes (0 = the --size's number)")
     s.add_argument("--vl-qa-rows", type=int, default=1, help="qa rows per scene in the pretraining file")
     s.add_argument("--object-size", default="0.16,0.36", help="shape side range as fractions of the image")

@@ -124,8 +124,9 @@ def caption_of(objs: list[Obj], reverse: bool = False) -> str:
 
 
 QUESTION_TYPES = ("color", "shape", "count", "position")
-# Question types that name the object by its grid cell instead of by an attribute ("the shape at the top left"),
-# and yes/no questions about the whole scene ("is there a red shape?", "is there a circle?"; yes half the time).
+# Off by default: the object named by its grid cell instead of by an attribute ("the shape at the top left"),
+# yes/no questions about the whole scene ("is there a red shape?", "is there a circle?"; yes about half the time),
+# and scene questions (the background's tint, the leftmost object's colour / shape).
 CELL_QUESTION_TYPES = ("color_at", "shape_at")
 PRESENCE_QUESTION_TYPES = ("has_color", "has_shape")
 SCENE_QUESTION_TYPES = ("bg_color", "first_color", "first_shape")
@@ -140,32 +141,35 @@ def cell_name(o: Obj) -> str:
 def question_of(objs: list[Obj], rng: np.random.Generator, types=QUESTION_TYPES,
                 background: str = "") -> tuple[str, str, str]:
     """(question, answer, answer type) with the type drawn uniformly from `types`."""
-    qt = ALL_QUESTION_TYPES.index(types[int(rng.integers(len(types)))])
+    qt = types[int(rng.integers(len(types)))]
+    if qt not in ALL_QUESTION_TYPES:
+        raise ValueError(f"unknown question type {qt!r}; known: {ALL_QUESTION_TYPES}")
     o = objs[int(rng.integers(len(objs)))]
-    if qt == 0:
+    if qt == "color":
         return f"what color is the {o.kind}?", o.color, "color"
-    if qt == 1:
+    if qt == "shape":
         return f"what shape is the {o.color} object?", o.kind, "shape"
-    if qt == 2:
+    if qt == "count":
         return "how many shapes are there?", str(len(objs)), "how many"
-    if qt == 3:
+    if qt == "position":
         return f"is the {o.name} on the left or the right?", ("left" if o.cell[1] == 0 else "right"), "position"
-    if qt == 4:
+    if qt == "color_at":
         return f"what color is the shape at the {cell_name(o)}?", o.color, "color"
-    if qt == 5:
+    if qt == "shape_at":
         return f"what shape is at the {cell_name(o)}?", o.kind, "shape"
-    if qt == 8:
+    if qt == "bg_color":
         return "what color is the background?", background, "color"
-    if qt == 9:
+    if qt == "first_color":
         return "what color is the leftmost shape?", objs[0].color, "color"
-    if qt == 10:
+    if qt == "first_shape":
         return "what is the leftmost shape?", objs[0].kind, "shape"
-    present = [o.color for o in objs] if qt == 6 else [o.kind for o in objs]
-    pool = list(COLORS) if qt == 6 else KINDS
+    # has_color / has_shape: yes about half the time (always when every value is present)
+    present = [o.color for o in objs] if qt == "has_color" else [o.kind for o in objs]
+    pool = list(COLORS) if qt == "has_color" else KINDS
     yes = bool(rng.random() < 0.5) or len(present) == len(pool)
     options = present if yes else [v for v in pool if v not in present]
     v = options[int(rng.integers(len(options)))]
-    return (f"is there a {v} shape?" if qt == 6 else f"is there a {v}?"), ("yes" if yes else "no"), "yes/no"
+    return (f"is there a {v} shape?" if qt == "has_color" else f"is there a {v}?"), ("yes" if yes else "no"), "yes/no"
 
 
 def expression_of(o: Obj, rng: np.random.Generator) -> str:

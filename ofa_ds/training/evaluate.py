@@ -204,7 +204,7 @@ def vqa_baselines(vqa_train_tsv: str) -> VQABaselines:
     per: dict[str, Counter] = {}
     for q, a in zip(_column(vqa_train_tsv, 2), _column(vqa_train_tsv, 3)):
         per.setdefault(question_key(q), Counter())[_best_answer(a)] += 1
-    majority = majority_answer(vqa_train_tsv)
+    majority = sum(per.values(), Counter()).most_common(1)[0][0]
     return VQABaselines(majority, {q: c.most_common(1)[0][0] for q, c in per.items()})
 
 
