@@ -270,6 +270,10 @@ class EvalConfig:
     reference_stats: dict[str, str] = field(default_factory=dict)
     """task -> training TSV (in that task's format) the trivial baselines come from: most frequent VQA answer, most
     frequent caption, mean box. Tasks without an entry get no baseline."""
+    vqa_answer_types: str = ""
+    """JSON of answer type -> answers (OFA's negative_sample/type2ans.json format; "other" is skipped): the report
+    then adds VQA accuracy per type of each question's best reference answer, `vqa_acc_<type>` (e.g.
+    vqa_acc_color, vqa_acc_how_many). Needs reference_stats["vqa"]. Empty = no per-type accuracy."""
 
 
 @dataclass

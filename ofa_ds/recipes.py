@@ -38,7 +38,8 @@ def _pretrain_eval(image_size: int, max_samples: int = 256) -> EvalConfig:
               "refcoco": _syn("refcoco", "refcoco_val.tsv")},
         vqa_answers=_syn("vqa", "vqa_answers.json"), max_samples=max_samples, batch_size=32, max_len=16,
         reference_stats={"vqa": _syn("vqa", "vqa_train.tsv"), "caption": _syn("caption", "caption_stage1_train.tsv"),
-                         "refcoco": _syn("refcoco", "refcoco_train.tsv")})
+                         "refcoco": _syn("refcoco", "refcoco_train.tsv")},
+        vqa_answer_types=_syn("pretrain", "negative_sample", "type2ans.json"))
 
 
 # ---- pretraining ----------------------------------------------------------------------------------------------------

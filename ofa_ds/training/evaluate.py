@@ -11,16 +11,19 @@ Unusual points:
   * Grounding decodes exactly 4 tokens restricted to the location bins (OFA does not restrict; an early-training
     model otherwise emits words there). Box = bins / (num_bins−1) · max_image_size / resize ratio (§8.4).
   * Trivial baselines come from the training files named in `EvalConfig.reference_stats`: the most frequent VQA
-    answer, the most frequent caption, the mean box (in original pixels).
+    answer, the most frequent caption, the mean box (in original pixels). With `EvalConfig.vqa_answer_types` (a
+    type2ans.json) VQA accuracy is also reported per answer type (`vqa_acc_<type>`, by the best reference answer).
   * The full beam-search generator (constraint tries, n-gram blocking, per-task settings of §8.2) belongs to the
     inference module; this file only needs greedy decoding.
 """
 from __future__ import annotations
 
+import json
 import math
+import re
 import string
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -187,6 +190,7 @@ def _best_answer(answers: str) -> str:
 class VQABaselines:
     majority: str                      # always answer this
     by_question: dict[str, str]        # question_key -> its most frequent training answer
+    answer_type: dict[str, str] = field(default_factory=dict)   # answer -> its type (for vqa_acc_<type>)
 
 
 def majority_answer(vqa_train_tsv: str) -> str:
@@ -198,14 +202,39 @@ def question_key(question: str) -> str:
     return " ".join(question.lower().strip().rstrip("?").split())
 
 
-def vqa_baselines(vqa_train_tsv: str) -> VQABaselines:
+def load_answer_types(type2ans_json: str) -> dict[str, str]:
+    """answer -> type from a JSON of type -> [answers] (OFA's negative_sample/type2ans.json; its catch-all "other"
+    list is skipped). An answer listed under two types raises, naming both."""
+    with open(type2ans_json, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+        raise ValueError(f"{type2ans_json}: expected a JSON object of answer type -> list of answers")
+    out: dict[str, str] = {}
+    for t, answers in data.items():
+        if t == "other":
+            continue
+        for a in answers:
+            if out.get(a, t) != t:
+                raise ValueError(f"{type2ans_json}: answer {a!r} is listed under both {out[a]!r} and {t!r}")
+            out[a] = t
+    return out
+
+
+def type_metric_name(task: str, answer_type: str) -> str:
+    """'vqa', 'how many' -> 'vqa_acc_how_many' (lower case, runs of other characters become one '_')."""
+    return f"{task}_acc_" + ("_".join(re.findall(r"[a-z0-9]+", answer_type.lower())) or "other")
+
+
+def vqa_baselines(vqa_train_tsv: str, answer_types: str = "") -> VQABaselines:
     """The majority answer and, per training question text, its most frequent best answer: the question-only
-    prior, i.e. what a model that never looks at the image can score (unseen questions get the majority)."""
+    prior, i.e. what a model that never looks at the image can score (unseen questions get the majority).
+    `answer_types` (a type2ans.json, optional) adds the answer -> type map behind the per-type accuracies."""
     per: dict[str, Counter] = {}
     for q, a in zip(_column(vqa_train_tsv, 2), _column(vqa_train_tsv, 3)):
         per.setdefault(question_key(q), Counter())[_best_answer(a)] += 1
     majority = sum(per.values(), Counter()).most_common(1)[0][0]
-    return VQABaselines(majority, {q: c.most_common(1)[0][0] for q, c in per.items()})
+    types = load_answer_types(answer_types) if answer_types else {}
+    return VQABaselines(majority, {q: c.most_common(1)[0][0] for q, c in per.items()}, types)
 
 
 def majority_caption(caption_train_tsv: str) -> str:
@@ -232,6 +261,13 @@ def summarise(task: str, records: list[dict], baseline: Any, tok) -> dict[str, f
                 out[f"{task}_question_prior_baseline"] = sum(
                     r["ref"].get(prior.by_question.get(question_key(r["question"]), majority), 0.0)
                     for r in records) / len(records)
+            if prior and prior.answer_type:      # accuracy by the type of each question's best reference answer
+                groups: dict[str, list[float]] = {}
+                for r in records:
+                    best = max(r["ref"], key=r["ref"].get) if r["ref"] else ""
+                    key = type_metric_name(task, prior.answer_type.get(best, "other"))
+                    groups.setdefault(key, []).append(r["ref"].get(r["pred_answer"], 0.0))
+                out.update({k: sum(v) / len(v) for k, v in sorted(groups.items())})
     if "caption" in records[0]:
         refs = [r["refs"] for r in records]
         out[f"{task}_cider"] = cider([r["caption"] for r in records], refs)

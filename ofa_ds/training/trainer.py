@@ -178,8 +178,8 @@ class Trainer:
             ref = ev.reference_stats.get(task, "")
             base = None
             if ref and self.rank == 0:
-                base = {"vqa": EV.vqa_baselines, "snli_ve": None, "caption": EV.majority_caption,
-                        "refcoco": EV.mean_box}.get(task)
+                base = {"vqa": lambda p: EV.vqa_baselines(p, ev.vqa_answer_types), "snli_ve": None,
+                        "caption": EV.majority_caption, "refcoco": EV.mean_box}.get(task)
                 base = base(ref) if base else None
             sets[task] = {"batches": batches, "candidates": cands, "baseline": base}
         return sets

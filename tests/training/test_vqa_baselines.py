@@ -26,3 +26,26 @@ def test_question_prior_and_majority(tmp_path):
     plain = EV.summarise("vqa", recs, "2", tok=None)             # a plain majority string: no prior reported
     assert plain["vqa_majority_baseline"] == out["vqa_majority_baseline"]
     assert "vqa_question_prior_baseline" not in plain
+
+
+def test_accuracy_by_answer_type(tmp_path):
+    import json
+    import pytest
+    types = tmp_path / "type2ans.json"
+    types.write_text(json.dumps({"color": ["red", "blue"], "how many": ["2", "3"], "other": ["red", "2", "left"]}))
+    b = EV.vqa_baselines(_tsv(tmp_path, [("how many shapes?", "1.0|!+2"), ("what color?", "1.0|!+red")]), str(types))
+    assert b.answer_type == {"red": "color", "blue": "color", "2": "how many", "3": "how many"}
+    recs = [{"pred_answer": "red", "ref": {"red": 1.0}, "question": "what color?"},
+            {"pred_answer": "red", "ref": {"blue": 1.0, "red": 0.3}, "question": "what color?"},   # best ref: blue
+            {"pred_answer": "2", "ref": {"2": 1.0}, "question": "how many shapes?"},
+            {"pred_answer": "2", "ref": {"left": 1.0}, "question": "which side?"}]                  # untyped: other
+    out = EV.summarise("vqa", recs, b, tok=None)
+    assert out["vqa_acc_color"] == (1.0 + 0.3) / 2
+    assert out["vqa_acc_how_many"] == 1.0
+    assert out["vqa_acc_other"] == 0.0
+    assert out["vqa_acc"] == (1.0 + 0.3 + 1.0 + 0.0) / 4
+    assert not any(k.startswith("vqa_acc_") for k in EV.summarise("vqa", recs, EV.vqa_baselines(
+        _tsv(tmp_path, [("q", "1.0|!+2")])), tok=None))                                          # no types file
+    types.write_text(json.dumps({"color": ["red"], "shape": ["red"]}))
+    with pytest.raises(ValueError, match="'red' is listed under both 'color' and 'shape'"):
+        EV.load_answer_types(str(types))
