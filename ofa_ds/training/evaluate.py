@@ -193,11 +193,6 @@ class VQABaselines:
     answer_type: dict[str, str] = field(default_factory=dict)   # answer -> its type (for vqa_acc_<type>)
 
 
-def majority_answer(vqa_train_tsv: str) -> str:
-    """Most frequent best answer of an official-format VQA TSV (answers in column 3)."""
-    return Counter(_best_answer(a) for a in _column(vqa_train_tsv, 3)).most_common(1)[0][0]
-
-
 def question_key(question: str) -> str:
     return " ".join(question.lower().strip().rstrip("?").split())
 
