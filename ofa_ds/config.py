@@ -75,6 +75,10 @@ class ModelConfig:
     """OFA's --entangle-position-embedding (off in every released config): the encoder also *adds* the raw
     position embeddings to its token and image-patch embeddings (before their LayerNorms), besides the attention
     biases. No new parameters; the decoder is unchanged (disable_entangle)."""
+    resnet_zero_init_residual: bool = False
+    """Start the last BatchNorm of every ResNet bottleneck (bn3) at weight 0, so each block begins as its shortcut
+    (Goyal et al. 2017; torchvision's zero_init_residual). OFA: off (its ResNet starts from ImageNet weights), and
+    off in every recipe; README "The default run" (ninth diagnosis) has what it changes. Loaded weights replace it."""
     frozen_bn: bool = False
     """Use FrozenBatchNorm2d in the ResNet (OFA's --freeze-resnet); plain BatchNorm2d otherwise."""
     dropout: float = 0.0

@@ -64,7 +64,8 @@ def add_encoder_embeddings(m: nn.Module, cfg: ModelConfig) -> None:
     c, be = cfg.d_model, cfg.kernel_backend
     m.layernorm_embedding = LayerNorm(c, be)
     m.type_embedding = nn.Embedding(2, c)
-    m.embed_images = ResNet(cfg.resnet_layers, cfg.frozen_bn, cfg.resnet_drop_path_rate)
+    m.embed_images = ResNet(cfg.resnet_layers, cfg.frozen_bn, cfg.resnet_drop_path_rate,
+                            zero_init_residual=cfg.resnet_zero_init_residual)
     m.image_proj = nn.Linear(1024, c)
     m.patch_layernorm_embedding = LayerNorm(c, be)
     m.embed_positions = nn.Embedding(cfg.max_source_positions + 2, c)

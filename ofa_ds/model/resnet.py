@@ -111,8 +111,10 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """Stem + three Bottleneck stages (planes 64/128/256, strides 1/2/2): B×3×H×W → B×1024×H/16×W/16."""
 
-    def __init__(self, layers: tuple[int, int, int], frozen_bn: bool = False, drop_path_rate: float = 0.0):
+    def __init__(self, layers: tuple[int, int, int], frozen_bn: bool = False, drop_path_rate: float = 0.0,
+                 zero_init_residual: bool = False):
         super().__init__()
+        self.zero_init_residual = zero_init_residual
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = _norm(64, frozen_bn)
         self.relu = nn.ReLU(inplace=True)
@@ -135,6 +137,10 @@ class ResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if self.zero_init_residual:   # each bottleneck starts as its shortcut: bn3 (the branch's last norm) at 0
+            for m in self.modules():
+                if isinstance(m, Bottleneck) and isinstance(m.bn3, nn.BatchNorm2d):
+                    nn.init.zeros_(m.bn3.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -168,6 +168,26 @@ def test_normformer_init_sets_only_the_normformer_layernorms():
         ModelConfig(normformer_init=-1.0)
 
 
+def test_resnet_zero_init_residual_starts_every_bottleneck_as_its_shortcut():
+    """resnet_zero_init_residual=True zeroes exactly the bn3 weight of each of Tiny's 13 bottlenecks (nothing else
+    changes), so at init a block without downsampling returns relu(x) = x for its (non-negative) input; off, the
+    same block changes its input."""
+    kw = dict(vocab_size=600, max_source_positions=64, max_target_positions=64)
+    torch.manual_seed(0)
+    ref = OFAModel(preset("tiny", **kw)).state_dict()
+    torch.manual_seed(0)
+    m = OFAModel(preset("tiny", resnet_zero_init_residual=True, **kw))
+    changed = sorted(k for k, v in m.state_dict().items() if not torch.equal(v, ref[k]))
+    assert len(changed) == 3 + 4 + 6 and all(k.endswith(".bn3.weight") for k in changed)
+    assert all(torch.all(m.state_dict()[k] == 0) for k in changed)
+    x = torch.relu(torch.randn(2, 256, 8, 8))
+    block_on = m.encoder.embed_images.layer1[1].eval()
+    torch.testing.assert_close(block_on(x), x)
+    torch.manual_seed(0)
+    block_off = OFAModel(preset("tiny", **kw)).encoder.embed_images.layer1[1].eval()
+    assert (block_off(x) - x).abs().max() > 0.1
+
+
 def test_entangle_position_embedding_adds_raw_positions_before_the_layernorms(tmp_path):
     """OFA's --entangle-position-embedding: same parameters (identical state-dict keys), the encoder adds the raw
     position embeddings to the text and image-patch embeddings before their LayerNorms; off (every released config)
