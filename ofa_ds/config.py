@@ -79,6 +79,11 @@ class ModelConfig:
     """Start the last BatchNorm of every ResNet bottleneck (bn3) at weight 0, so each block begins as its shortcut
     (Goyal et al. 2017; torchvision's zero_init_residual). OFA: off (its ResNet starts from ImageNet weights), and
     off in every recipe; README "The default run" (ninth diagnosis) has what it changes. Loaded weights replace it."""
+    dedup_images: bool = True
+    """Run the ResNet once per *distinct* image of a batch and share its features (OFA's pretraining gives every
+    image-text row two samples with the same image, so this halves the ResNet work there). Outputs are unchanged in
+    eval mode; in training mode BatchNorm's batch statistics count each distinct image once instead of once per
+    sample. False = OFA's per-sample ResNet."""
     frozen_bn: bool = False
     """Use FrozenBatchNorm2d in the ResNet (OFA's --freeze-resnet); plain BatchNorm2d otherwise."""
     dropout: float = 0.0
@@ -194,6 +199,10 @@ class TrainConfig:
     """'ce' = adjust_label_smoothed_cross_entropy (§7.1); 'encouraging' = §7.3."""
     label_smoothing: float = 0.1
     """ε of §7.1 (pretraining 0.0)."""
+    token_weighting: Literal["token", "sample"] = "token"
+    """'token' (OFA): every target token weighs the same, so long targets (captions, boxes) dominate the gradient;
+    'sample': each sample's tokens share one sample's weight (token weight = mean tokens per sample / the sample's
+    tokens, via the per-sample `conf`), so a one-word answer counts as much as a caption. Sums are unchanged."""
     drop_worst_ratio: float = 0.0
     """Drop this fraction of the highest-loss tokens once step > drop_worst_after."""
     drop_worst_after: int = 0
@@ -237,6 +246,8 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.token_weighting not in ("token", "sample"):
+            raise ValueError(f"train.token_weighting must be 'token' or 'sample', got {self.token_weighting!r}")
         if self.loss not in ("ce", "encouraging"):
             raise ValueError(f"train.loss must be 'ce' or 'encouraging', got {self.loss!r}")
         if self.max_steps < 1 or self.grad_accum < 1:

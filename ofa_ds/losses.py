@@ -177,3 +177,13 @@ def pair_loss(v1: LossOut, v2: LossOut) -> LossOut:
     l2 = v2.loss / max(v2.ntokens, 1)
     nll = v1.nll / max(v1.ntokens, 1) + v2.nll / max(v2.ntokens, 1)
     return LossOut(l1 + l2, nll, v1.ntokens + v2.ntokens, 1.0)
+
+
+def sample_weights(target: Tensor, ignore_index: int = PAD) -> Tensor:
+    """Per-sample weights [B] that give every sample of the batch the same total weight while keeping the total
+    token weight equal to the token count: mean real tokens per sample / the sample's real tokens (0 for a sample
+    with no real token). Used as `conf` when `train.token_weighting='sample'`."""
+    n = target.ne(ignore_index).sum(-1).to(torch.float32)
+    real = n.gt(0)
+    mean = n.sum() / real.sum().clamp(min=1)
+    return torch.where(real, mean / n.clamp(min=1), torch.zeros_like(n))

@@ -2,7 +2,8 @@
 
 Counts 2 FLOPs per multiply-accumulate of every matmul and convolution (ResNet convs, projections, attention
 q·kᵀ and p·v, the position-bias matmuls, FFNs, the output projection); LayerNorm, softmax, GELU and embedding
-look-ups are ignored (well under 1% for every preset). Training = forward × 3 (backward is twice the forward), the
+look-ups are ignored (well under 1% for every preset). Samples that share an image share one ResNet pass
+(`ModelConfig.dedup_images`); the trainer subtracts `resnet_train_flops` for each of them. Training = forward × 3 (backward is twice the forward), the
 usual convention of MFU reports. Attention is counted as dense (no causal halving), as the kernels compute it.
 """
 from __future__ import annotations
@@ -53,6 +54,11 @@ def _resnet_flops(cfg: ModelConfig, size: int) -> int:
                 total += 2 * c_in * planes * 4 * h * w                   # downsample 1×1
             c_in = planes * 4
     return total
+
+
+def resnet_train_flops(cfg: ModelConfig, image_size: int) -> int:
+    """Forward + backward FLOPs of the ResNet on one image (what a sample sharing its image with another saves)."""
+    return 3 * _resnet_flops(cfg, image_size)
 
 
 def train_flops_per_sample(cfg: ModelConfig, image_size: int | None, src_len: int, tgt_len: int,

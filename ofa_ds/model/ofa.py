@@ -13,6 +13,7 @@ What is unusual about OFA, and what this file does about it:
     ids, image LayerNorms and 2-D relative buckets. When `code_masks` is given both variants are computed and
     selected per sample, so every rank runs the same modules whatever its batch holds (ZeRO-3 needs that).
   * One V×C token table is shared by the encoder input, the decoder input and the output projection.
+  * Samples that carry the same image (OFA's pretraining pairs) share one ResNet pass (`dedup_images`).
   * `sample_patch_num` keeps a random subset of image tokens (with their true position ids) per sample.
   * Incremental decoding: pass a `cache` dict to `decode`; positions already cached are skipped, biases are
     computed for the whole prefix and sliced to the new rows (§4.8).
@@ -93,6 +94,44 @@ def add_decoder_embeddings(m: nn.Module, cfg: ModelConfig) -> None:
     m.pos_scaling = (cfg.head_dim * cfg.attn_scale_factor) ** -0.5
 
 
+def distinct_images(images: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(index of each distinct image [U], position of every sample's image among them [B]) for a batch
+    [B, 3, H, W], or None when all images differ. Candidates come from two per-image sums (one host transfer);
+    every pair is then confirmed exactly, so a sum collision never merges two different images."""
+    b = images.shape[0]
+    if b < 2:
+        return None
+    flat = images.detach().flatten(1)
+    ramp = torch.linspace(1.0, 2.0, flat.shape[1], device=flat.device, dtype=torch.float32)
+    keys = torch.stack([flat.float().sum(1), (flat.float() * ramp).sum(1)], 1).tolist()
+    first: dict[tuple[float, float], int] = {}
+    rep = [first.setdefault(tuple(k), i) for i, k in enumerate(keys)]
+    cand = [i for i in range(b) if rep[i] != i]
+    if not cand:
+        return None
+    c = torch.tensor(cand, device=flat.device)
+    same = flat[c].eq(flat[torch.tensor([rep[i] for i in cand], device=flat.device)]).all(1).tolist()
+    for i, ok in zip(cand, same):
+        if not ok:
+            rep[i] = i
+    uniq = sorted(set(rep))
+    if len(uniq) == b:
+        return None
+    pos = {u: k for k, u in enumerate(uniq)}
+    dev = images.device
+    return torch.tensor(uniq, device=dev), torch.tensor([pos[r] for r in rep], device=dev)
+
+
+def image_features(resnet: nn.Module, images: Tensor, dedup: bool = True) -> Tensor:
+    """ResNet features [B, C, h, w]; with `dedup`, computed once per distinct image and gathered back (the gather's
+    backward sums the gradients of the samples that share an image)."""
+    groups = distinct_images(images) if dedup else None
+    if groups is None:
+        return resnet(images)
+    uniq, inverse = groups
+    return resnet(images[uniq])[inverse]
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig, embed_tokens: nn.Embedding):
         super().__init__()
@@ -129,7 +168,7 @@ class Encoder(nn.Module):
         pos = self.pos_ln(raw_pos)[None].expand(b, -1, -1)
         image_pid = None
         if patch_images is not None:
-            feats = self.embed_images(patch_images)                                   # [B, 1024, h, w]
+            feats = image_features(self.embed_images, patch_images, self.cfg.dedup_images)   # [B, 1024, h, w]
             h, w = feats.shape[-2:]
             feats = feats.flatten(2).transpose(1, 2)                                  # [B, h·w, 1024]
             image_pid = image_position_ids(h, w, self.cfg.image_bucket_size, feats.device)[None].expand(b, -1)

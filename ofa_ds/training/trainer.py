@@ -27,8 +27,10 @@ import torch
 import torch.distributed as dist
 
 from ofa_ds.config import RunConfig
-from ofa_ds.losses import LossOut, encouraging_loss, label_smoothed_ce, pair_loss
+from ofa_ds.losses import LossOut, encouraging_loss, label_smoothed_ce, pair_loss, sample_weights
 from ofa_ds.model import OFAModel, train_flops_per_sample
+from ofa_ds.model.flops import resnet_train_flops
+from ofa_ds.model.ofa import distinct_images
 from ofa_ds.training import engine as E
 from ofa_ds.training import evaluate as EV
 from ofa_ds.training.metrics import MetricsLogger, device_peak_tflops, peak_mem_gib
@@ -187,7 +189,10 @@ class Trainer:
     # ---- one step --------------------------------------------------------------------------------------------------
     def _loss(self, logits: torch.Tensor, b: dict) -> LossOut:
         t = self.run_cfg.train
-        kw = dict(eps=t.label_smoothing, conf=b.get("conf"), constraint_masks=b.get("constraint_masks"),
+        conf = b.get("conf")
+        if t.token_weighting == "sample":
+            conf = sample_weights(b["target"]) * (1.0 if conf is None else conf.to(torch.float32))
+        kw = dict(eps=t.label_smoothing, conf=conf, constraint_masks=b.get("constraint_masks"),
                   constraint_rows=b.get("constraint_rows"), constraint_index=b.get("constraint_index"),
                   constraint_range=t.range_tuple(), drop_worst_ratio=t.drop_worst_ratio,
                   drop_worst_after=t.drop_worst_after, update_num=self.step + 1)
@@ -226,6 +231,9 @@ class Trainer:
             f = train_flops_per_sample(self.model_cfg, img, p["src_tokens"].shape[1], p["target"].shape[1],
                                        spn if (len(parts) == 2 and j == 0) else None)
             flops += f * p["nsentences"]
+            groups = distinct_images(p["patch_images"]) if img and self.model_cfg.dedup_images else None
+            if groups is not None:                   # one ResNet pass per distinct image (model.dedup_images)
+                flops -= resnet_train_flops(self.model_cfg, img) * (p["nsentences"] - len(groups[0]))
         return size, len(parts), samples, tokens, flops
 
     def train_step(self, micro: list[Any]) -> dict[str, float]:

@@ -221,3 +221,34 @@ def test_entangle_position_embedding_adds_raw_positions_before_the_layernorms(tm
     assert back.cfg.entangle_position_embedding
     with torch.no_grad():
         assert torch.equal(back(src, img, None, prev), on(src, img, None, prev))
+
+
+def test_dedup_images_shares_one_resnet_pass_and_matches_per_sample_outputs_and_grads():
+    """Samples that carry the same image (OFA's pretraining pairs) run the ResNet once: the ResNet sees only the
+    distinct images, and in eval mode the logits and every gradient equal the per-sample path."""
+    from ofa_ds.model.ofa import distinct_images
+    torch.manual_seed(0)
+    kw = dict(vocab_size=600, max_source_positions=64, max_target_positions=64, encoder_layers=1, decoder_layers=1)
+    a, b = torch.randn(2, 3, 32, 32)
+    near = a.clone()
+    near[0, 0, 0] += 1e-3                                          # differs in one pixel: must stay separate
+    img = torch.stack([a, b, a, near, b])
+    assert [t.tolist() for t in distinct_images(img)] == [[0, 1, 3], [0, 1, 0, 2, 1]]
+    assert distinct_images(torch.stack([a, b, near])) is None
+    src = torch.randint(4, 600, (5, 7))
+    prev = torch.randint(4, 600, (5, 5))
+    grads, outs = {}, {}
+    for dedup in (False, True):
+        torch.manual_seed(1)
+        m = OFAModel(preset("tiny", dedup_images=dedup, **kw)).eval()
+        seen = []
+        m.encoder.embed_images.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
+        out = m(src, img, torch.ones(5, dtype=torch.bool), prev)
+        out.float().pow(2).mean().backward()
+        outs[dedup] = out.detach()
+        grads[dedup] = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        assert seen == ([3] if dedup else [5])
+    torch.testing.assert_close(outs[True], outs[False], atol=1e-5, rtol=1e-5)
+    assert grads[True].keys() == grads[False].keys()
+    for n in grads[False]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], atol=1e-5, rtol=1e-4, msg=n)

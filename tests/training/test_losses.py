@@ -178,3 +178,21 @@ def test_packed_logits_equal_full():
     assert torch.allclose(a.loss, b.loss, rtol=1e-5)
     with pytest.raises(ValueError, match="packed"):
         label_smoothed_ce(packed[:-1], tgt)
+
+
+def test_sample_token_weighting_gives_every_sample_the_same_weight():
+    """train.token_weighting='sample': per-sample conf = mean tokens per sample / the sample's tokens, so each
+    sample's tokens sum to the same weight and the batch's total token weight stays its token count."""
+    from ofa_ds.losses import sample_weights
+    target = torch.tensor([[5, 6, 7, 8, 2, 1], [9, 2, 1, 1, 1, 1], [4, 4, 2, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    w = sample_weights(target)
+    n = target.ne(1).sum(1).float()
+    assert w[3] == 0                                               # no real token: no weight, no division by 0
+    per_sample = (w * n)[:3]
+    torch.testing.assert_close(per_sample, per_sample[:1].expand(3))
+    torch.testing.assert_close((w * n).sum(), n.sum())
+    logits = torch.randn(4, 6, 12)
+    out = label_smoothed_ce(logits, target, conf=w)
+    lp = torch.log_softmax(logits, -1).gather(-1, target[..., None]).squeeze(-1)
+    want = -(lp * w[:, None] * target.ne(1)).sum()
+    torch.testing.assert_close(out.loss, want)
