@@ -37,10 +37,11 @@ def make_run(a, ds_config: str, out: str):
             "train.progress=false", "train.save_final=false", "train.export_final=false", "train.log_every=1000000",
             f"data.batch_size={a.batch_size}", f"data.patch_image_size={a.image_size}",
             f"data.v2_image_size={a.image_size}", "eval.data={}"] + list(a.sets)
-    run = get_recipe(a.recipe).override(sets)
     from ofa_ds.config import preset
-    run.model = preset(a.preset)
-    return run
+    run = get_recipe(a.recipe)
+    if run.model.name != a.preset:        # another size on the recipe's data; --set model.* still applies below
+        run.model = preset(a.preset)
+    return run.override(sets)
 
 
 def time_steps(step_fn, batches, warmup: int, steps: int, sync: bool = True) -> tuple[list[float], dict]:
@@ -71,7 +72,7 @@ def row(a, name: str, stage, prec: str, world: int, times: list[float], tot: dic
             "tokens_per_s": round(tot["tokens"] * world / secs, 1),
             "tflops_per_gpu": round(tflops, 5), "mfu": round(tflops / peak, 4) if peak else "",
             "peak_mem_gib": round(peak_mem_gib(), 3), "step_ms": round(p50, 1),
-            "ratio_vs_plain": round(p50 / plain_ms, 3) if plain_ms else ""}
+            "ratio_vs_plain": round(p50 / plain_ms, 3) if plain_ms else "", "sets": " ".join(a.sets)}
 
 
 def plain_baseline(a, out: str) -> tuple[list[float], dict]:
