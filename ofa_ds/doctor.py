@@ -4,7 +4,7 @@ A 64-GPU job that hangs in `init_process_group` tells nobody why. The doctor ask
 explain such hangs, the way the real launch will reach it, and prints one table plus one message per problem:
 
 1. hostfile syntax (`host slots=N`, comments, duplicates; the same rules as DeepSpeed's runner, every line at once);
-2. the launcher on this node (pdsh, or mpirun + mpi4py for OpenMPI);
+2. the launcher on this node (pdsh, or mpirun + mpi4py for OpenMPI) when the hostfile has more than one host;
 3. passwordless ssh to every host, this one included (pdsh ssh-es to itself too), with the same options pdsh
    will use (`PDSH_SSH_ARGS_APPEND`, `--ssh-port`), in batch mode so nothing waits for a password;
 4. the same Python / torch / deepspeed / ofa_ds version and ofa_ds git commit on every node, found by running the
@@ -203,6 +203,18 @@ def _ds_precision(path: str) -> str | None:
     return "fp32"
 
 
+def _check_launcher(opts: Options, rep: Report, hosts: list[str]) -> None:
+    """The launcher's tools on this node. DeepSpeed's runner uses pdsh / mpirun only for more than one host
+    (its multi_node_exec); with one host it starts the ranks locally, whatever --launcher says."""
+    if len(hosts) < 2:
+        return
+    if opts.launcher == "pdsh" and not shutil.which("pdsh"):
+        rep.problems.append("pdsh is not installed on this (launch) node: apt-get install pdsh, or use "
+                            "--launcher openmpi / no_ssh")
+    if opts.launcher == "openmpi" and not (shutil.which("mpirun") and shutil.which("ompi_info")):
+        rep.problems.append("OpenMPI (mpirun, ompi_info) is not installed on this node: apt-get install openmpi-bin")
+
+
 def check(opts: Options) -> Report:
     hf = parse_hostfile(opts.hostfile)
     rep = Report(hf, problems=list(hf.problems))
@@ -214,11 +226,7 @@ def check(opts: Options) -> Report:
     if len(hosts) > 1 and any(h == "localhost" or h.startswith("127.") for h in hosts):
         rep.problems.append("hostfile: 'localhost' in a multi-node hostfile means a different machine on each node; "
                             "use the real hostname or IP")
-    if opts.launcher == "pdsh" and not shutil.which("pdsh"):
-        rep.problems.append("pdsh is not installed on this (launch) node: apt-get install pdsh, or use "
-                            "--launcher openmpi / no_ssh")
-    if opts.launcher == "openmpi" and not (shutil.which("mpirun") and shutil.which("ompi_info")):
-        rep.problems.append("OpenMPI (mpirun, ompi_info) is not installed on this node: apt-get install openmpi-bin")
+    _check_launcher(opts, rep, hosts)
 
     if len(hosts) == 1 and opts.via == "ssh" and opts.launcher == "pdsh":
         opts.via = "local"

@@ -4,7 +4,8 @@ from `nvidia-smi` output in its real CSV format; the two-host tests cover the an
 """
 import json
 
-from ofa_ds.doctor import Options, Report, _check_gpus, _check_network, _check_versions, _ifname_ok
+from ofa_ds.doctor import (Options, Report, _check_gpus, _check_launcher, _check_network, _check_versions,
+                           _ifname_ok)
 from ofa_ds.doctor_probe import parse_nvidia_smi_csv
 from ofa_ds.launch_utils import Hostfile
 
@@ -90,6 +91,23 @@ def test_nccl_interface_names(tmp_path):
                    "a", True)
     assert rep.problems == ["b: NCCL_SOCKET_IFNAME=ib matches no interface there (it has lo, eth0; the master is "
                             "reached through eth0)"]
+
+
+def test_launcher_tools_are_required_only_for_several_hosts(monkeypatch):
+    """DeepSpeed's runner uses pdsh / mpirun only with more than one host: a missing pdsh is a problem for a two-host
+    hostfile and not for a one-host one (which it starts locally)."""
+    import shutil
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    for launcher, word in (("pdsh", "pdsh"), ("openmpi", "OpenMPI")):
+        two, one = report({"a": 2, "b": 2}), report({"a": 2})
+        _check_launcher(Options("hf", launcher=launcher), two, ["a", "b"])
+        _check_launcher(Options("hf", launcher=launcher), one, ["a"])
+        assert len(two.problems) == 1 and word in two.problems[0]
+        assert one.problems == []
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    ok = report({"a": 2, "b": 2})
+    _check_launcher(Options("hf"), ok, ["a", "b"])
+    assert ok.problems == []
 
 
 def test_doctor_end_to_end_on_a_one_host_hostfile(tmp_path):
