@@ -2,9 +2,10 @@
 
 Counts 2 FLOPs per multiply-accumulate of every matmul and convolution (ResNet convs, projections, attention
 q·kᵀ and p·v, the position-bias matmuls, FFNs, the output projection); LayerNorm, softmax, GELU and embedding
-look-ups are ignored (well under 1% for every preset). Samples that share an image share one ResNet pass
-(`ModelConfig.dedup_images`); the trainer subtracts `resnet_train_flops` for each of them. Training = forward × 3 (backward is twice the forward), the
+look-ups are ignored (well under 1% for every preset). Training = forward × 3 (backward is twice the forward), the
 usual convention of MFU reports. Attention is counted as dense (no causal halving), as the kernels compute it.
+Samples that share an image share one ResNet pass (`ModelConfig.dedup_images`); the trainer subtracts
+`resnet_train_flops` for each of them.
 """
 from __future__ import annotations
 
