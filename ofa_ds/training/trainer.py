@@ -146,10 +146,20 @@ class Trainer:
             print(f"resumed from {os.path.join(self.ckpt_dir, tag)} at step {self.step}", flush=True)
 
     def _ensure_synthetic(self, root: str) -> None:
-        if self.rank == 0 and not os.path.isfile(os.path.join(root, "manifest.json")):
-            from ofa_ds.data.synthetic import generate
-            print(f"generating the synthetic dataset in {root}", flush=True)
-            generate(root)
+        """Generate the default run's world into `root` if it has no manifest; an existing folder is used as it is
+        (a variant written by `python -m ofa_ds.data synthetic` included), with a note when it is another world."""
+        if self.rank == 0:
+            from ofa_ds.data.synthetic import DEFAULT_RUN_WORLD, generate, world_differences
+            manifest = os.path.join(root, "manifest.json")
+            if not os.path.isfile(manifest):
+                print(f"generating the synthetic dataset in {root}", flush=True)
+                generate(root, **DEFAULT_RUN_WORLD)
+            else:
+                with open(manifest) as fh:
+                    other = world_differences(json.load(fh))
+                if other:
+                    print(f"note: {root} holds another synthetic world than the default run's ({other}; default "
+                          f"{DEFAULT_RUN_WORLD}); using it as it is, delete the folder to regenerate", flush=True)
         dist.barrier()
 
     def _eval_sets(self, rank: int, world: int) -> dict[str, dict]:

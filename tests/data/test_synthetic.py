@@ -195,3 +195,25 @@ def test_presence_and_scene_questions_are_true():
         assert q == "what color is the leftmost shape?" and a == left.color
         assert question_of(objs, rng, ("first_shape",))[1] == left.kind
     assert 0.4 <= yes / 200 <= 0.7
+
+
+def test_default_run_world(tmp_path):
+    """What `deepspeed launch/pretrain.py` generates when its data folder is missing: one big shape per scene and
+    no count questions; the default recipe pairs it with the zero-init ResNet and beta2 0.98 it was measured with."""
+    from ofa_ds.data.synthetic import DEFAULT_RUN_WORLD, world_differences
+    from ofa_ds.recipes import get_recipe
+    man = generate(str(tmp_path / "w"), size="tiny", **DEFAULT_RUN_WORLD)
+    assert world_differences(man) == {}
+    full = generate(str(tmp_path / "full"), size="tiny")
+    assert set(world_differences(full)) == {"max_objects", "object_size", "vqa_types"}
+    with open(tmp_path / "w" / "vqa" / "vqa_train.tsv") as fh:
+        questions = [line.split("\t")[2] for line in fh]
+    assert questions and not any(q.startswith("how many") for q in questions)
+    with open(tmp_path / "w" / "caption" / "caption_stage1_train.tsv") as fh:
+        assert all(" and " not in line.split("\t")[2] for line in fh)      # one object per caption
+    rng = np.random.default_rng([2, 1])
+    for _ in range(20):
+        _, objs = draw_scene(rng, 256, max_objects=1, object_size=DEFAULT_RUN_WORLD["object_size"])
+        assert len(objs) == 1 and objs[0].box[2] - objs[0].box[0] - 1 >= int(0.34 * 256)
+    run = get_recipe("default")
+    assert run.model.resnet_zero_init_residual and run.train.betas == (0.9, 0.98)
