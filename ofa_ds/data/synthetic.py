@@ -11,8 +11,9 @@ unambiguous and learnable. Ground truth:
   quantised to 5+4+4 bits = 8192 codes (there is no VQGAN here).
 With `closeup` > 0 that fraction of the scenes is a single large shape instead (default 0: off).
 `generate`'s defaults draw this full world; the zero-setup default run generates DEFAULT_RUN_WORLD instead (one
-large shape per scene, no count questions): the only world in which OFA-Tiny from scratch learns colour and shape
-within 10 CPU minutes (measured; README "The default run", eleventh diagnosis).
+large shape per scene, no count questions): with 1-4 objects OFA-Tiny from scratch does not learn colour or shape
+within 10 CPU minutes, with one it reads colour and side exactly (measured; README "The default run", eleventh
+diagnosis).
 Images are written at `image_size` (default 256) px; the task builders resize them to whatever the run uses.
 Everything is a function of (seed, split, scene index), so two runs with the same seed write identical files.
 """
@@ -134,18 +135,17 @@ CELL_QUESTION_TYPES = ("color_at", "shape_at")
 PRESENCE_QUESTION_TYPES = ("has_color", "has_shape")
 SCENE_QUESTION_TYPES = ("bg_color", "first_color", "first_shape")
 ALL_QUESTION_TYPES = QUESTION_TYPES + CELL_QUESTION_TYPES + PRESENCE_QUESTION_TYPES + SCENE_QUESTION_TYPES
+BACKGROUND_NAMES = ["white", "gray", "beige", "light blue", "light green", "pink"]
 # What the default run (`deepspeed launch/pretrain.py`) generates when its data folder is missing: one shape per
 # scene filling most of its grid cell, questions about its colour, shape and side (count would always be "1").
 DEFAULT_RUN_WORLD = {"max_objects": 1, "object_size": (0.34, 0.44), "vqa_types": ("color", "shape", "position")}
 
 
-def world_differences(manifest: dict, world: dict | None = None) -> dict:
-    """The settings of `world` (default DEFAULT_RUN_WORLD) that a manifest.json's content does not match, with the
-    manifest's values (tuples compare equal to the manifest's JSON lists)."""
-    world = DEFAULT_RUN_WORLD if world is None else world
-    return {k: manifest.get(k) for k, v in world.items()
+def world_differences(manifest: dict) -> dict:
+    """The DEFAULT_RUN_WORLD settings that a manifest.json's content does not match, with the manifest's values
+    (tuples compare equal to the manifest's JSON lists)."""
+    return {k: manifest.get(k) for k, v in DEFAULT_RUN_WORLD.items()
             if manifest.get(k) != (list(v) if isinstance(v, tuple) else v)}
-BACKGROUND_NAMES = ["white", "gray", "beige", "light blue", "light green", "pink"]
 
 
 def cell_name(o: Obj) -> str:
