@@ -1,7 +1,9 @@
 """Typed configuration for ofa_ds.
 
-`ModelConfig` describes one OFA network; `PRESETS` holds the five released sizes (ofa-reference.md §1) with the
-NormFormer extras switched on, as in every released checkpoint (`--scale-attn --scale-fc --scale-heads`).
+`ModelConfig` describes one OFA network; `PRESETS` holds the five released sizes (`RELEASED_PRESETS`) with the
+NormFormer extras switched on, as in every released checkpoint (`--scale-attn --scale-fc --scale-heads`), and
+`debug`: not an OFA release, a 2+2-layer, 64-wide model with one block per ResNet stage (same vocabulary) for tests
+and quick runs.
 Configs are plain dataclasses that round-trip through JSON (`to_json` / `from_json`); unknown keys are an error
 that names them, so a typo in a config file never silently falls back to a default.
 
@@ -146,7 +148,10 @@ PRESETS: dict[str, ModelConfig] = {
     "base": _preset("base", 768, 3072, 12, 6, 6, (3, 4, 23)),
     "large": _preset("large", 1024, 4096, 16, 12, 12, (3, 8, 36)),
     "huge": _preset("huge", 1280, 5120, 16, 24, 12, (3, 8, 36)),
+    "debug": _preset("debug", 64, 256, 4, 2, 2, (1, 1, 1)),
 }
+RELEASED_PRESETS: tuple[str, ...] = ("tiny", "medium", "base", "large", "huge")
+"""The presets that are OFA releases (an official checkpoint's arch is `ofa_<name>`); `debug` is not one."""
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
