@@ -32,7 +32,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from ofa_ds.training.ports import free_port, remove_shm_buffers  # noqa: E402
+from ofa_ds.cluster.ports import free_port, remove_shm_buffers  # noqa: E402
 
 STRATEGIES = ("zero0", "zero1", "zero2", "zero3", "zero3_offload", "pipe2")
 GIB = 1024 ** 3
@@ -419,5 +419,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from ofa_ds.training.ports import exit_process
-    exit_process(main())   # not sys.exit: see ports.exit_process
+    from ofa_ds.training.shutdown import exit_process
+    exit_process(main())   # not sys.exit: see ofa_ds.training.shutdown

@@ -3,7 +3,8 @@
 Prints one table (a row per host: reachability, Python/torch/deepspeed/ofa_ds versions and commit, GPUs and free
 memory, master port reachability, data paths) and one message per problem, and exits 1 if there is any problem,
 0 otherwise. Run it from the directory you will launch from, with the Python you will launch with: both are what
-DeepSpeed's runner uses on every node. See ofa_ds/doctor.py for the list of checks and docs/multinode.md for use.
+DeepSpeed's runner uses on every node. See ofa_ds/cluster/doctor.py for the list of checks and docs/multinode.md
+for use.
 
     python launch/doctor.py --hostfile launch/hostfile --master-port 29500 --data /data/ofa/caption_train.tsv
 """
@@ -14,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ofa_ds.doctor import Options, check, render  # noqa: E402
+from ofa_ds.cluster.doctor import Options, check, render  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -224,5 +224,5 @@ def _subset(batch: dict, keep: list[int]) -> dict:
 
 
 if __name__ == "__main__":
-    from ofa_ds.training.ports import exit_process
+    from ofa_ds.training.shutdown import exit_process
     exit_process(main())   # not sys.exit: see ports.exit_process

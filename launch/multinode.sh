@@ -12,7 +12,7 @@
 #            see launch/slurm.sbatch). No ssh at all.
 #
 # What it does, in order:
-#   1. checks the hostfile (python -m ofa_ds.launch_utils hosts);
+#   1. checks the hostfile (python -m ofa_ds.cluster.launch_setup hosts);
 #   2. picks the network interface that reaches the master (--ifname, default: `ip route get MASTER`) and writes
 #      the env file DeepSpeed exports on every node (PATH, PYTHONPATH, NCCL_*/GLOO_*/TORCH_*/OFA_*/HF_* set here,
 #      NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME, NCCL_IB_DISABLE with --no-ib) to runs/multinode/*.deepspeed_env and
@@ -117,7 +117,8 @@ case "$LAUNCHER" in pdsh|openmpi|no_ssh) ;; *) die "--launcher must be pdsh, ope
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 # 1. hostfile
-HOSTS="$("$PYTHON" -m ofa_ds.launch_utils hosts "$HOSTFILE")" || die "fix the hostfile $HOSTFILE (problems above)"
+HOSTS="$("$PYTHON" -m ofa_ds.cluster.launch_setup hosts "$HOSTFILE")" \
+  || die "fix the hostfile $HOSTFILE (problems above)"
 FIRST_HOST="$(head -n1 <<<"$HOSTS" | cut -d' ' -f1)"
 NUM_NODES="$(wc -l <<<"$HOSTS")"
 MASTER="${MASTER_ADDR_ARG:-$FIRST_HOST}"
@@ -131,7 +132,7 @@ if [[ -z "$IFNAME" ]]; then
   # the interface towards the master, or (when the master is this node and its name resolves to 127.0.1.1)
   # towards the other hosts; loopback never carries traffic between nodes
   # shellcheck disable=SC2046
-  IFNAME="$("$PYTHON" -m ofa_ds.launch_utils ifname "$MASTER" $(cut -d' ' -f1 <<<"$HOSTS") 2>/dev/null || true)"
+  IFNAME="$("$PYTHON" -m ofa_ds.cluster.launch_setup ifname "$MASTER" $(cut -d' ' -f1 <<<"$HOSTS") 2>/dev/null || true)"
 fi
 if [[ -z "$ENV_FILE" ]]; then
   mkdir -p "$REPO/runs/multinode"
@@ -139,7 +140,7 @@ if [[ -z "$ENV_FILE" ]]; then
 fi
 (( NO_IB )) && EXTRA_SET+=("--set" "NCCL_IB_DISABLE=1")
 [[ "$LAUNCHER" == openmpi ]] && EXTRA_SET+=("--set" "MASTER_ADDR=$MASTER" "--set" "MASTER_PORT=$MASTER_PORT_ARG")
-"$PYTHON" -m ofa_ds.launch_utils env-file "$ENV_FILE" --repo "$REPO" ${IFNAME:+--ifname "$IFNAME"} \
+"$PYTHON" -m ofa_ds.cluster.launch_setup env-file "$ENV_FILE" --repo "$REPO" ${IFNAME:+--ifname "$IFNAME"} \
   ${EXTRA_SET[@]+"${EXTRA_SET[@]}"} >/dev/null
 ENV_FILE="$(cd "$(dirname "$ENV_FILE")" && pwd)/$(basename "$ENV_FILE")"
 export DS_ENV_FILE="$ENV_FILE"
@@ -155,7 +156,7 @@ if (( ! NO_CONFIG )); then
   done
   if (( ! HAS_CFG )); then
     if [[ -z "$DS_CONFIG" ]]; then
-      DS_CONFIG="$("$PYTHON" -m ofa_ds.launch_utils pick-config --zero "$ZERO" --precision "$PRECISION" \
+      DS_CONFIG="$("$PYTHON" -m ofa_ds.cluster.launch_setup pick-config --zero "$ZERO" --precision "$PRECISION" \
                    --dir "$REPO/ds_configs" $OFFLOAD)" || die "no DeepSpeed config picked (message above)"
     fi
     SCRIPT_ARGS+=("--ds-config" "$DS_CONFIG")

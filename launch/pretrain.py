@@ -13,7 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout too
 
 from ofa_ds.training.cli import main  # noqa: E402
-from ofa_ds.training.ports import exit_process  # noqa: E402
+from ofa_ds.training.shutdown import exit_process  # noqa: E402
 
 if __name__ == "__main__":
     exit_process(main(sys.argv[1:], default_recipe="default", description=__doc__.splitlines()[0]))

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from ofa_ds.training.ports import free_port
+from ofa_ds.cluster.ports import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "launch", "evaluate.py")

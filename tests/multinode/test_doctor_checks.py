@@ -4,10 +4,10 @@ from `nvidia-smi` output in its real CSV format; the two-host tests cover the an
 """
 import json
 
-from ofa_ds.doctor import (Options, Report, _check_gpus, _check_launcher, _check_network, _check_versions,
-                           _ifname_ok)
-from ofa_ds.doctor_probe import parse_nvidia_smi_csv
-from ofa_ds.launch_utils import Hostfile
+from ofa_ds.cluster.doctor import (Options, Report, _check_gpus, _check_launcher, _check_network,
+                                   _check_versions, _ifname_ok)
+from ofa_ds.cluster.launch_setup import Hostfile
+from ofa_ds.cluster.probe import parse_nvidia_smi_csv
 
 A100 = "0, NVIDIA A100-SXM4-80GB, 81920, 81050, 8.0\n1, NVIDIA A100-SXM4-80GB, 81920, 81050, 8.0\n"
 V100 = "0, Tesla V100-SXM2-32GB, 32768, 32200, 7.0\n1, Tesla V100-SXM2-32GB, 32768, 32200, 7.0\n"

@@ -78,6 +78,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # a checkout too
-    from ofa_ds.training.ports import exit_process
+    from ofa_ds.training.shutdown import exit_process
     main()
-    exit_process(0)   # not a plain return: see ofa_ds.training.ports.exit_process
+    exit_process(0)   # not a plain return: see ofa_ds.training.shutdown

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from ofa_ds.config import preset
-from ofa_ds.training.ports import free_port, remove_shm_buffers
+from ofa_ds.cluster.ports import free_port, remove_shm_buffers
 from ofa_ds.training.pipeline import dense_key_to_pipe, layer_roles, pipe_key_to_dense, pipe_to_dense_names
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))

@@ -87,6 +87,6 @@ def main():
 
 
 if __name__ == "__main__":
-    from ofa_ds.training.ports import exit_process
+    from ofa_ds.training.shutdown import exit_process
     main()
-    exit_process(0)   # not a plain return: see ofa_ds.training.ports.exit_process
+    exit_process(0)   # not a plain return: see ofa_ds.training.shutdown

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from ofa_ds.training.ports import free_port  # noqa: F401  (re-exported for the tests here)
+from ofa_ds.cluster.ports import free_port  # noqa: F401  (re-exported for the tests here)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = ["model.d_model=64", "model.ffn_dim=128", "model.encoder_layers=1", "model.decoder_layers=1",

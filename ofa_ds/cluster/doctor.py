@@ -16,7 +16,7 @@ explain such hangs, the way the real launch will reach it, and prints one table 
 7. NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME name an interface that exists on every node;
 8. each `--data PATH` is readable on every node.
 
-What runs on the nodes is `ofa_ds/doctor_probe.py` (stdlib only), sent as `python -c`. `--via srun` reaches the
+What runs on the nodes is `ofa_ds/cluster/probe.py` (stdlib only), sent as `python -c`. `--via srun` reaches the
 nodes through `srun -w host` instead of ssh (SLURM clusters without ssh between nodes).
 """
 from __future__ import annotations
@@ -31,9 +31,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ofa_ds.launch_utils import Hostfile, parse_hostfile, read_ds_env
+from ofa_ds.cluster.launch_setup import Hostfile, parse_hostfile, read_ds_env
 
-PROBE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "doctor_probe.py")
+PROBE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "probe.py")
 VERSION_KEYS = ("python", "torch", "deepspeed", "ofa_ds", "commit")
 
 

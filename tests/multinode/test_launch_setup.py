@@ -11,8 +11,8 @@ import subprocess
 import pytest
 from deepspeed.launcher.runner import _parse_hostfile
 
-from ofa_ds.launch_utils import (ds_env_lines, parse_hostfile, pick_ds_config, precision_for, read_ds_env,
-                                 write_ds_env)
+from ofa_ds.cluster.launch_setup import (ds_env_lines, parse_hostfile, pick_ds_config, precision_for,
+                                         read_ds_env, write_ds_env)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -1,4 +1,6 @@
-"""Helpers behind the multi-node launchers (`launch/multinode.sh`, `launch/slurm.sbatch`) and the doctor.
+"""What the multi-node launchers (`launch/multinode.sh`, `launch/slurm.sbatch`) and the doctor need to know
+before a launch: the hosts, the precision the GPUs allow, the DeepSpeed config, the network interface, the
+environment every node gets.
 
 Stdlib only, and no torch import unless a GPU must be asked about without `nvidia-smi`, so that `--help`, hostfile
 checks and dry runs are instant on a login node.
@@ -13,13 +15,13 @@ checks and dry runs are instant on a login node.
   DeepSpeed's runner exports on every node. Its format is strict: one KEY=VALUE per line, no comments, no blanks
   (the runner splits every line on '=').
 
-Command line, used by the shell launchers:
+Command line, used by the shell launchers (`python -m ofa_ds.cluster.launch_setup CMD`):
 
-    python -m ofa_ds.launch_utils hosts HOSTFILE            # "host slots" lines, or the problems and exit 2
-    python -m ofa_ds.launch_utils precision                 # bf16 | fp16 | fp32 for this node
-    python -m ofa_ds.launch_utils pick-config --zero 3 [--precision auto] [--offload offload|nvme]
-    python -m ofa_ds.launch_utils ifname ADDR [ADDR ...]    # interface that routes to the first non-loopback ADDR
-    python -m ofa_ds.launch_utils env-file OUT [--ifname IF] [--set K=V ...]
+    hosts HOSTFILE                                     # "host slots" lines, or the problems and exit 2
+    precision                                          # bf16 | fp16 | fp32 for this node
+    pick-config --zero 3 [--precision auto] [--offload offload|nvme]
+    ifname ADDR [ADDR ...]                             # interface that routes to the first non-loopback ADDR
+    env-file OUT [--ifname IF] [--set K=V ...]
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from ofa_ds.doctor_probe import nvidia_smi_gpus, route_interface  # stdlib-only helpers shared with the probe
+from ofa_ds.cluster.probe import nvidia_smi_gpus, route_interface  # stdlib-only helpers shared with the probe
 
 HOST_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*$")
 
@@ -236,7 +238,7 @@ def read_ds_env(path: str) -> dict[str, str]:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ofa_ds.launch_utils", description="helpers for launch/*.sh")
+    ap = argparse.ArgumentParser(prog="python -m ofa_ds.cluster.launch_setup", description="helpers for launch/*.sh")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("hosts", help="print 'host slots' per line, or the hostfile's problems (exit 2)")
     p.add_argument("hostfile")
