@@ -3,6 +3,7 @@
 * `default` is the zero-setup run of `deepspeed launch/pretrain.py`: OFA-Tiny (full architecture) pretrained on the
   built-in synthetic multitask mixture at 64 px images, sized to finish in under 10 minutes on two CPU cores and
   to learn visibly (held-out VQA / caption / grounding metrics against their trivial baselines).
+* `debug` runs the same code path in seconds (the `debug` model preset, 32 px, 10 steps); tests use it.
 * `pretrain_{tiny,medium,base,large,huge}` follow OFA's pretraining script (lr 1e-4, 4 rows per GPU, warmup 1%,
   no label smoothing, drop path 0.1, dropout 0.1, clip 5.0, 384 px, 196 sampled patches, max_src 80, max_tgt 30).
   Their data default to the synthetic files; point `data.data` / `data.text_data` / ... at real TSVs.
@@ -71,6 +72,21 @@ def default() -> RunConfig:
     return RunConfig(name="default", out_dir="runs/default", ds_config="ds_configs/cpu_fp32.json",
                      synthetic_root=SYNTHETIC_ROOT, model=model, data=data,
                      train=train, eval=_pretrain_eval(size))
+
+
+def debug() -> RunConfig:
+    """Seconds-long run of the whole training path, for tests and debugging: the `debug` model preset on the
+    synthetic pretraining mixture with OFA's v2 extras (text infilling, image infilling, detection), so that with 2
+    rows per batch every 4th batch is a (v1, v2) pair; 32 px images, 10 steps with a record each step, fp32, 8
+    held-out samples per task. tests/training/test_golden_loss.py pins its first 10 losses."""
+    size = 32
+    data = _synthetic_data("pretrain", patch_image_size=size, v2_image_size=size, batch_size=2, max_src_length=80,
+                           max_tgt_length=30, augment=False)
+    train = TrainConfig(max_steps=10, lr=1e-3, warmup_steps=1, sample_patch_num=0, log_every=1, progress=False)
+    evaluation = _pretrain_eval(size, max_samples=8)
+    evaluation.batch_size = 4
+    return RunConfig(name="debug", out_dir="runs/debug", ds_config="ds_configs/cpu_fp32.json",
+                     synthetic_root=SYNTHETIC_ROOT, model=preset("debug"), data=data, train=train, eval=evaluation)
 
 
 def _pretrain(size: str) -> RunConfig:
@@ -163,6 +179,7 @@ def _with(fn: Callable[..., RunConfig], *a, **kw) -> Callable[[], RunConfig]:
 
 RECIPES: dict[str, Callable[[], RunConfig]] = {
     "default": default,
+    "debug": debug,
     **{f"pretrain_{s}": _with(_pretrain, s) for s in ("tiny", "medium", "base", "large", "huge")},
     "caption": caption, "caption_base": _with(caption, base=True),
     "vqa": vqa, "vqa_base": _with(vqa, base=True),

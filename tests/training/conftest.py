@@ -25,12 +25,13 @@ def synthetic_root(tmp_path_factory) -> str:
 
 
 def launch(args: list[str], synthetic: str, ranks: int = 0, script: str = "launch/pretrain.py", sets=(),
-           timeout: int = 600) -> subprocess.CompletedProcess:
-    """ranks=0: plain python (one process); ranks>=1: the deepspeed launcher with that many local ranks."""
+           timeout: int = 600, small: bool = True) -> subprocess.CompletedProcess:
+    """ranks=0: plain python (one process); ranks>=1: the deepspeed launcher with that many local ranks.
+    small=False keeps the recipe's own sizes (the SMALL overrides are not applied)."""
     cmd = [sys.executable, script] if ranks == 0 else ["deepspeed", "--num_gpus", str(ranks), "--master_port",
                                                          str(free_port()), script]
     cmd += list(args)
-    for s in list(SMALL) + list(sets):
+    for s in (list(SMALL) if small else []) + list(sets):
         cmd += ["--set", s]
     env = dict(os.environ, OFA_DS_SYNTHETIC=synthetic, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
