@@ -10,7 +10,9 @@
 * `save_official(model, path)` writes the official layout (fairseq key names incl. the tied triplet and buffers,
   `cfg["model"]` as an argparse.Namespace), loadable by both this module and the original code.
 * `export_folder(model, folder)` / `load_folder(folder)`: `config.json` + `model.safetensors` (tied table stored
-  once; recomputable index buffers omitted) + tokenizer files. `OFAModel.from_pretrained(folder)` calls it.
+  once; recomputable index buffers omitted) + tokenizer files. The folder format, `load_state_strict` and
+  `CheckpointError` live in ofa_ds/model/weights.py (so that `OFAModel.from_pretrained` needs nothing from here)
+  and are re-exported by this module, the one entry point for weights in and out.
 
 CLI: `python -m ofa_ds.checkpoint to-folder ofa_tiny.pt out_dir [--ema]` and
 `python -m ofa_ds.checkpoint to-official out_dir ofa_tiny.pt`.
@@ -23,7 +25,6 @@ import json
 import os
 import pickle
 import re
-import shutil
 import sys
 from typing import Any
 
@@ -31,16 +32,9 @@ import torch
 
 from ofa_ds.config import PRESETS, ModelConfig
 from ofa_ds.model import OFAModel
+from ofa_ds.model.weights import CheckpointError, export_folder, load_state_strict
 
-TIED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "decoder.output_projection.weight")
-# Index buffers the model recomputes from constants; an official file must carry them, a folder need not.
-DERIVED_BUFFERS = ("encoder.token_rp_bucket", "encoder.image_rp_bucket", "decoder.token_rp_bucket",
-                   "decoder.image_rp_bucket", "decoder.image_position_idx", "encoder.version", "decoder.version")
 RESNET_TYPES = {"resnet50": (3, 4, 6), "resnet101": (3, 4, 23), "resnet152": (3, 8, 36)}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked; the message names the file and the offending entries."""
 
 
 def _allowed_globals() -> list:
@@ -127,41 +121,6 @@ def config_from_checkpoint(ckpt: dict, state: dict[str, torch.Tensor]) -> ModelC
     )
 
 
-def load_state_strict(model: OFAModel, state: dict[str, torch.Tensor], where: str) -> None:
-    """Load an official-layout state dict into `model`, accounting for every key (errors name them)."""
-    state = dict(state)
-    tied = [state[k] for k in TIED if k in state]
-    if not tied:
-        raise CheckpointError(f"{where}: missing the token table ({TIED[0]})")
-    for k in TIED[1:]:
-        if k in state and not torch.equal(state[k], tied[0]):
-            raise CheckpointError(f"{where}: {k} differs from {TIED[0]}; OFA ties these three tensors")
-    for k in TIED:
-        state.setdefault(k, tied[0])
-    own = model.state_dict()
-    for k in DERIVED_BUFFERS:  # recomputable: accept their absence (folders), check their values when present
-        if k not in state:
-            state[k] = own[k]
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {missing[:20]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {unexpected[:20]}")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatch(es): {shapes[:20]}")
-        raise CheckpointError(f"{where}: state dict does not match the model; " + "; ".join(parts))
-    for k in ("encoder.token_rp_bucket", "encoder.image_rp_bucket", "decoder.token_rp_bucket",
-              "decoder.image_rp_bucket"):
-        if not torch.equal(state[k].long(), own[k]):
-            raise CheckpointError(f"{where}: buffer {k} differs from the bucket table OFA defines")
-    model.load_state_dict(state, strict=True)
-
-
 def load_official(path: str, ema: bool = False, **config_overrides: Any) -> OFAModel:
     """Build the model an official OFA `.pt` describes and load its weights (EMA weights with `ema=True`).
 
@@ -206,8 +165,7 @@ def save_official(model: OFAModel, path: str, template: str | None = None, ema_s
     """Write `model` in the official fairseq layout. `template`: an official file whose cfg/extra entries are kept."""
     state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
     if template is not None:
-        ckpt = read_checkpoint_file(template) if "model" in _peek(template) else _read_skeleton(template)
-        ckpt = dict(ckpt)
+        ckpt = dict(_load_template(template))
     else:
         ckpt = {"args": None, "cfg": {"model": _namespace_for(model.cfg)}, "criterion": None,
                 "optimizer_history": [], "task_state": {}, "extra_state": {}}
@@ -217,13 +175,11 @@ def save_official(model: OFAModel, path: str, template: str | None = None, ema_s
     _atomic_torch_save(ckpt, path)
 
 
-def _peek(path: str) -> dict:
+def _load_template(path: str) -> dict:
+    """A template as it is, through the same restricted unpickler; it may lack "model" (a skeleton file such as
+    tests/assets/ofa_tiny_skeleton.pt)."""
     with torch.serialization.safe_globals(_allowed_globals()):
         return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _read_skeleton(path: str) -> dict:
-    return _peek(path)
 
 
 def _atomic_torch_save(obj: Any, path: str) -> None:
@@ -233,42 +189,9 @@ def _atomic_torch_save(obj: Any, path: str) -> None:
 
 
 # ---- Hugging Face-style folder -----------------------------------------------------------------------------------
-def export_folder(model: OFAModel, folder: str) -> None:
-    """config.json + model.safetensors (tied table once, derived buffers omitted) + tokenizer files."""
-    from safetensors.torch import save_file
-
-    os.makedirs(folder, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
-             if k not in TIED[1:] and k not in DERIVED_BUFFERS}
-    save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt", "ofa_ds": "1"})
-    meta = {"model_type": "ofa", "architectures": ["OFAModel"], "ofa_ds_config": model.cfg.to_dict()}
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-    assets = os.path.join(os.path.dirname(__file__), "assets")
-    sub = "bpe" if model.cfg.vocab_size > 40000 else "bert_cn"
-    for name in os.listdir(os.path.join(assets, sub)):
-        shutil.copy(os.path.join(assets, sub, name), os.path.join(folder, name))
-    shutil.copy(os.path.join(assets, "NOTICE.md"), os.path.join(folder, "NOTICE.md"))
-
-
 def load_folder(folder: str, **config_overrides: Any) -> OFAModel:
     """Inverse of `export_folder`; eval mode. `config_overrides` replace ModelConfig fields."""
-    from safetensors.torch import load_file
-
-    cfg_path = os.path.join(folder, "config.json")
-    weights = os.path.join(folder, "model.safetensors")
-    for p in (cfg_path, weights):
-        if not os.path.isfile(p):
-            raise CheckpointError(f"{folder}: not an ofa_ds model folder ({os.path.basename(p)} is missing)")
-    with open(cfg_path) as f:
-        meta = json.load(f)
-    if "ofa_ds_config" not in meta:
-        raise CheckpointError(f"{cfg_path}: no 'ofa_ds_config' entry; was this folder written by ofa_ds?")
-    cfg = ModelConfig.from_dict(meta["ofa_ds_config"], where=cfg_path)
-    cfg = dataclasses.replace(cfg, **config_overrides)
-    model = OFAModel(cfg)
-    load_state_strict(model, load_file(weights), weights)
-    return model.eval()
+    return OFAModel.from_pretrained(folder, **config_overrides)
 
 
 def load_any(path: str, **config_overrides: Any) -> OFAModel:

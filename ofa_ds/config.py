@@ -7,7 +7,8 @@ and quick runs.
 Configs are plain dataclasses that round-trip through JSON (`to_json` / `from_json`); unknown keys are an error
 that names them, so a typo in a config file never silently falls back to a default.
 
-Training-side configs (data, train, run) live below `ModelConfig` in this file and follow the same rules.
+Training-side configs (train, eval, run) live below `ModelConfig` in this file and follow the same rules; the data
+config a RunConfig embeds is `DataConfig` (ofa_ds/data/config.py).
 """
 from __future__ import annotations
 
@@ -16,15 +17,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ofa_ds.config_keys import check_keys
+
 KernelBackend = Literal["torch", "triton", "auto"]
-
-
-def check_keys(cls: type, data: dict[str, Any], where: str) -> None:
-    """Raise naming every key of `data` that is not a field of dataclass `cls`."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(known)}")
 
 
 @dataclass
@@ -171,7 +166,7 @@ LossName = Literal["ce", "encouraging"]
 
 @dataclass
 class TrainConfig:
-    """Optimisation, schedule, loss and bookkeeping of one run (ofa-reference.md §7, §10)."""
+    """Optimisation, schedule, loss and bookkeeping of one run."""
 
     max_steps: int = 1000
     """Optimizer updates to run (each = grad_accum micro-batches per rank); replaced when epochs > 0."""
@@ -201,9 +196,10 @@ class TrainConfig:
     """'auto' (whatever the ds_config enables; fp32 when it enables neither), fp32, bf16 (A100/H100) or fp16 with
     dynamic loss scaling (V100). An explicit value must agree with the ds_config."""
     loss: LossName = "ce"
-    """'ce' = adjust_label_smoothed_cross_entropy (§7.1); 'encouraging' = §7.3."""
+    """'ce' = OFA's adjust_label_smoothed_cross_entropy; 'encouraging' = OFA's encouraging loss (both in
+    ofa_ds/losses.py)."""
     label_smoothing: float = 0.1
-    """ε of §7.1 (pretraining 0.0)."""
+    """ε of the label-smoothed cross entropy (pretraining 0.0)."""
     token_weighting: Literal["token", "sample"] = "token"
     """'token' (OFA): every target token weighs the same, so long targets (captions, boxes) dominate the gradient;
     'sample': each sample's tokens share one sample's weight (token weight = mean tokens per sample / the sample's
@@ -304,7 +300,7 @@ class RunConfig:
     name: str = "run"
     """Recipe name (informational)."""
     out_dir: str = "runs/default"
-    """Run folder: config.json, ds_config.json, metrics.jsonl, tb/, checkpoints/, final/, eval.json."""
+    """Run folder: config.json, ds_config.json, metrics.jsonl, tb/, checkpoints/, final/, report.json."""
     ds_config: str = "ds_configs/cpu_fp32.json"
     """DeepSpeed JSON with engine choices; "auto" fields are filled from this config."""
     synthetic_root: str = ""

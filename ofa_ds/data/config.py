@@ -1,7 +1,8 @@
 """Data configuration (`DataConfig`), embedded by the training side in its RunConfig.
 
 Every field is JSON-able and documented; `from_dict` rejects unknown keys by name. Paths are plain strings;
-`data` is OFA's comma-separated file list (for finetuning tasks the *last* path is the validation file, §6.1).
+`data` is OFA's comma-separated file list (for finetuning tasks the *last* path is the validation file, as in OFA's
+finetuning scripts).
 Image sizes are parameters of the task builders, never of the files, so a 256 px synthetic file can feed a
 128 px tiny run.
 """
@@ -11,6 +12,8 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any, Optional
+
+from ofa_ds.config_keys import check_keys
 
 
 @dataclass
@@ -51,7 +54,7 @@ class DataConfig:
     patch_image_size: int = 480
     """Side of the square image fed to the encoder (pretraining v1 crop size)."""
     max_image_size: int = 512
-    """Boxes are quantised relative to this size (§2.5), not to the image side."""
+    """Boxes are quantised into num_bins relative to this size (as OFA does), not to the image side."""
     v2_image_size: int = 256
     """Pretraining image-infilling / detection image side."""
     num_bins: int = 1000
@@ -95,7 +98,6 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "DataConfig") -> "DataConfig":
-        from ofa_ds.config import check_keys
         check_keys(cls, data, where)
         return cls(**data)
 

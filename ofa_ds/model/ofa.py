@@ -399,6 +399,10 @@ class OFAModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str, **kw) -> "OFAModel":
-        """Load a Hugging Face-style folder written by `ofa_ds.checkpoint.export_folder`."""
-        from ofa_ds.checkpoint import load_folder
-        return load_folder(folder, **kw)
+        """Load a Hugging Face-style folder written by `export_folder` (ofa_ds/model/weights.py); eval mode.
+        `kw` replace ModelConfig fields."""
+        from ofa_ds.model.weights import load_state_strict, read_folder
+        cfg, state, where = read_folder(folder, **kw)
+        model = cls(cfg)
+        load_state_strict(model, state, where)
+        return model.eval()
