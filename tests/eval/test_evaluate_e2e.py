@@ -19,14 +19,13 @@ TASKS = ["caption", "vqa", "refcoco"]
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     from ofa_ds.checkpoint import export_folder, save_official
-    from ofa_ds.config import ModelConfig
+    from ofa_ds.config import ModelConfig, preset
     from ofa_ds.data.synthetic import generate as synth
     from ofa_ds.model import OFAModel
     root = tmp_path_factory.mktemp("evale2e")
     man = synth(str(root / "syn"), seed=3, size="tiny", image_size=64)
     torch.manual_seed(0)
-    cfg = ModelConfig(name="custom", d_model=32, ffn_dim=64, num_heads=2, encoder_layers=1, decoder_layers=2,
-                      resnet_layers=(1, 1, 1))
+    cfg = preset("debug")
     m = OFAModel(cfg).eval()
     with torch.no_grad():
         m.decoder.embed_tokens.weight.mul_(10)      # peakier outputs: beams and answers differ between samples
