@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import csv
-import datetime as _dt
+import datetime
 import os
 import platform
 import subprocess
@@ -41,7 +41,7 @@ def machine() -> str:
 
 
 def base_row() -> dict:
-    return {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "commit": git_commit(),
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "commit": git_commit(),
             "machine": machine(), "torch": torch.__version__}
 
 
