@@ -10,21 +10,18 @@ import sys
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ofa_ds.data")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("synthetic", help="write the built-in synthetic multitask dataset")
+    s = sub.add_parser("synthetic", help="write the built-in synthetic multitask dataset",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="The defaults write the 1-4-object world; the default run's world is\n"
+                                   "  --max-objects 1 --object-size 0.34,0.44 --vqa-types color,shape,position")
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--size", default="small", choices=["tiny", "small", "medium"])
     s.add_argument("--image-size", type=int, default=256)
     s.add_argument("--max-objects", type=int, default=4, help="1-4 shapes per scene")
     s.add_argument("--vqa-types", default="color,shape,count,position",
-                   help="comma-separated question types to draw from; also off-by-default color_at, shape_at, "
-                        "has_color, has_shape, bg_color, first_color, first_shape (see README)")
-    s.add_argument("--train-scenes", type=int, default=0, help="training scenes (0 = the --size's number)")
-    s.add_argument("--vl-qa-rows", type=int, default=1, help="qa rows per scene in the pretraining file")
+                   help="comma-separated question types to draw from (a subset of the default)")
     s.add_argument("--object-size", default="0.16,0.36", help="shape side range as fractions of the image")
-    s.add_argument("--plain", action="store_true", help="flat grey backgrounds (no tint, no gradient)")
-    s.add_argument("--closeup", type=float, default=0.0,
-                   help="probability of a close-up scene (one shape 55-75%% of the image wide)")
     c = sub.add_parser("convert", help="image folder + JSONL/CSV annotations -> TSV")
     c.add_argument("--task", required=True)
     c.add_argument("--images", required=True)
@@ -40,9 +37,8 @@ def main(argv=None) -> int:
     if a.cmd == "synthetic":
         from .synthetic import generate
         m = generate(a.out, seed=a.seed, size=a.size, image_size=a.image_size, max_objects=a.max_objects,
-                     vqa_types=tuple(t for t in a.vqa_types.split(",") if t), train_scenes=a.train_scenes,
-                     vl_qa_rows=a.vl_qa_rows, object_size=tuple(float(v) for v in a.object_size.split(",")),
-                     plain=a.plain, closeup=a.closeup)
+                     vqa_types=tuple(t for t in a.vqa_types.split(",") if t),
+                     object_size=tuple(float(v) for v in a.object_size.split(",")))
         print(json.dumps({"out": a.out, "seconds": m["seconds"], "rows": m["rows"]}, indent=1))
         return 0
     if a.cmd == "convert":

@@ -9,11 +9,10 @@ unambiguous and learnable. Ground truth:
 * referring expressions with the exact drawn box; SNLI-VE hypotheses balanced over yes / no / maybe;
 * image codes from a deterministic quantiser of the central 128x128 region: 16x16 grid of 8x8 patches, mean colour
   quantised to 5+4+4 bits = 8192 codes (there is no VQGAN here).
-With `closeup` > 0 that fraction of the scenes is a single large shape instead (default 0: off).
-`generate`'s defaults draw this full world; the zero-setup default run generates DEFAULT_RUN_WORLD instead (one
-large shape per scene, no count questions): with 1-4 objects OFA-Tiny from scratch does not learn colour or shape
-within 10 CPU minutes, with one it reads colour and side exactly (measured; README "The default run", eleventh
-diagnosis).
+Two worlds are used: `generate`'s defaults (1-4 objects; what `python -m ofa_ds.data synthetic` writes) and
+DEFAULT_RUN_WORLD, which the zero-setup default run writes when its data folder is missing: one large shape per
+scene and no count questions, because with 1-4 objects OFA-Tiny does not learn colour or shape within the run's
+10 CPU minutes (docs/experiments.md).
 Images are written at `image_size` (default 256) px; the task builders resize them to whatever the run uses.
 Everything is a function of (seed, split, scene index), so two runs with the same seed write identical files.
 """
@@ -54,24 +53,17 @@ class Obj:
 
 
 def draw_scene(rng: np.random.Generator, size: int = 256, max_objects: int = 4,
-               object_size: tuple[float, float] = (0.16, 0.36), plain: bool = False,
-               closeup: float = 0.0) -> tuple[Image.Image, list[Obj]]:
-    """One scene; `object_size` is the side range as a fraction of the image (at most 0.44: objects stay inside
-    their 2x2-grid cell), `plain` draws every background in one flat grey (no tint, no gradient), `closeup` is
-    the probability of a close-up: one shape 55-75 % of the image wide, its centre 8-12 % of the image off the
-    middle in both directions (so left/right and top/bottom stay defined). closeup=0 draws exactly as before."""
+               object_size: tuple[float, float] = (0.16, 0.36)) -> tuple[Image.Image, list[Obj]]:
+    """One scene of 1..max_objects shapes, sorted left to right; `object_size` is the side range as a fraction of
+    the image (at most 0.44: objects stay inside their 2x2-grid cell)."""
     if not 0.05 <= object_size[0] <= object_size[1] <= 0.44:
         raise ValueError(f"object_size must satisfy 0.05 <= low <= high <= 0.44, got {object_size}")
-    if not 0.0 <= closeup <= 1.0:
-        raise ValueError(f"closeup must be a probability in [0, 1], got {closeup}")
-    if closeup > 0 and rng.random() < closeup:
-        return _closeup(rng, size, plain)
     n = int(rng.integers(1, max_objects + 1))
     cells = [(r, c) for r in range(2) for c in range(2)]
     chosen = [cells[i] for i in rng.permutation(4)[:n]]
     colors = [list(COLORS)[i] for i in rng.permutation(len(COLORS))[:n]]
     kinds = [KINDS[i] for i in rng.permutation(len(KINDS))[:n]]
-    img = _background(rng, size, plain)
+    img = _background(rng, size)
     d = ImageDraw.Draw(img)
     half = size // 2
     objs = []
@@ -84,16 +76,12 @@ def draw_scene(rng: np.random.Generator, size: int = 256, max_objects: int = 4,
     return img, objs
 
 
-def _background(rng: np.random.Generator, size: int, plain: bool) -> Image.Image:
-    k = int(rng.integers(len(BACKGROUNDS)))
-    bg = np.array(BACKGROUNDS[k], dtype=np.float32)
+def _background(rng: np.random.Generator, size: int) -> Image.Image:
+    """One of BACKGROUNDS with a vertical gradient of +-12 levels, brightening downwards or upwards."""
+    bg = np.array(BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))], dtype=np.float32)
     grad = np.linspace(-12, 12, size, dtype=np.float32)[:, None, None] * (1 if rng.random() < 0.5 else -1)
-    if plain:
-        k, bg, grad = 1, np.array(BACKGROUNDS[1], dtype=np.float32), 0.0
-    img = Image.fromarray(np.clip(bg[None, None, :] + grad + np.zeros((size, size, 3), np.float32), 0, 255)
-                          .astype(np.uint8))
-    img.info["background"] = BACKGROUND_NAMES[k]
-    return img
+    return Image.fromarray(np.clip(bg[None, None, :] + grad + np.zeros((size, size, 3), np.float32), 0, 255)
+                           .astype(np.uint8))
 
 
 def _draw(d: ImageDraw.ImageDraw, kind: str, x0: int, y0: int, s: int, fill) -> tuple[int, int, int, int]:
@@ -110,32 +98,12 @@ def _draw(d: ImageDraw.ImageDraw, kind: str, x0: int, y0: int, s: int, fill) -> 
     return x0, y0, x1 + 1, y1 + 1
 
 
-def _closeup(rng: np.random.Generator, size: int, plain: bool) -> tuple[Image.Image, list[Obj]]:
-    col = list(COLORS)[int(rng.integers(len(COLORS)))]
-    kind = KINDS[int(rng.integers(len(KINDS)))]
-    img = _background(rng, size, plain)
-    s = int(size * rng.uniform(0.55, 0.75))
-    r, c = (int(v) for v in rng.integers(0, 2, size=2))
-    cx, cy = ((0.5 + (1 if k else -1) * rng.uniform(0.08, 0.12)) * size for k in (c, r))
-    x0 = int(np.clip(cx - s / 2, 1, size - s - 2))
-    y0 = int(np.clip(cy - s / 2, 1, size - s - 2))
-    return img, [Obj(col, kind, _draw(ImageDraw.Draw(img), kind, x0, y0, s, COLORS[col]), (r, c))]
-
-
 def caption_of(objs: list[Obj], reverse: bool = False) -> str:
     names = [o.a_name for o in (objs[::-1] if reverse else objs)]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 QUESTION_TYPES = ("color", "shape", "count", "position")
-# Off by default: the object named by its grid cell instead of by an attribute ("the shape at the top left"),
-# yes/no questions about the whole scene ("is there a red shape?", "is there a circle?"; yes about half the time),
-# and scene questions (the background's tint, the leftmost object's colour / shape).
-CELL_QUESTION_TYPES = ("color_at", "shape_at")
-PRESENCE_QUESTION_TYPES = ("has_color", "has_shape")
-SCENE_QUESTION_TYPES = ("bg_color", "first_color", "first_shape")
-ALL_QUESTION_TYPES = QUESTION_TYPES + CELL_QUESTION_TYPES + PRESENCE_QUESTION_TYPES + SCENE_QUESTION_TYPES
-BACKGROUND_NAMES = ["white", "gray", "beige", "light blue", "light green", "pink"]
 # What the default run (`deepspeed launch/pretrain.py`) generates when its data folder is missing: one shape per
 # scene filling most of its grid cell, questions about its colour, shape and side (count would always be "1").
 DEFAULT_RUN_WORLD = {"max_objects": 1, "object_size": (0.34, 0.44), "vqa_types": ("color", "shape", "position")}
@@ -148,16 +116,11 @@ def world_differences(manifest: dict) -> dict:
             if manifest.get(k) != (list(v) if isinstance(v, tuple) else v)}
 
 
-def cell_name(o: Obj) -> str:
-    return f"{'top' if o.cell[0] == 0 else 'bottom'} {'left' if o.cell[1] == 0 else 'right'}"
-
-
-def question_of(objs: list[Obj], rng: np.random.Generator, types=QUESTION_TYPES,
-                background: str = "") -> tuple[str, str, str]:
-    """(question, answer, answer type) with the type drawn uniformly from `types`."""
+def question_of(objs: list[Obj], rng: np.random.Generator, types=QUESTION_TYPES) -> tuple[str, str, str]:
+    """(question, answer, answer type) about one random object, with the type drawn uniformly from `types`."""
     qt = types[int(rng.integers(len(types)))]
-    if qt not in ALL_QUESTION_TYPES:
-        raise ValueError(f"unknown question type {qt!r}; known: {ALL_QUESTION_TYPES}")
+    if qt not in QUESTION_TYPES:
+        raise ValueError(f"unknown question type {qt!r}; known: {QUESTION_TYPES}")
     o = objs[int(rng.integers(len(objs)))]
     if qt == "color":
         return f"what color is the {o.kind}?", o.color, "color"
@@ -165,25 +128,7 @@ def question_of(objs: list[Obj], rng: np.random.Generator, types=QUESTION_TYPES,
         return f"what shape is the {o.color} object?", o.kind, "shape"
     if qt == "count":
         return "how many shapes are there?", str(len(objs)), "how many"
-    if qt == "position":
-        return f"is the {o.name} on the left or the right?", ("left" if o.cell[1] == 0 else "right"), "position"
-    if qt == "color_at":
-        return f"what color is the shape at the {cell_name(o)}?", o.color, "color"
-    if qt == "shape_at":
-        return f"what shape is at the {cell_name(o)}?", o.kind, "shape"
-    if qt == "bg_color":
-        return "what color is the background?", background, "color"
-    if qt == "first_color":
-        return "what color is the leftmost shape?", objs[0].color, "color"
-    if qt == "first_shape":
-        return "what is the leftmost shape?", objs[0].kind, "shape"
-    # has_color / has_shape: yes about half the time (always when every value is present)
-    present = [o.color for o in objs] if qt == "has_color" else [o.kind for o in objs]
-    pool = list(COLORS) if qt == "has_color" else KINDS
-    yes = bool(rng.random() < 0.5) or len(present) == len(pool)
-    options = present if yes else [v for v in pool if v not in present]
-    v = options[int(rng.integers(len(options)))]
-    return (f"is there a {v} shape?" if qt == "has_color" else f"is there a {v}?"), ("yes" if yes else "no"), "yes/no"
+    return f"is the {o.name} on the left or the right?", ("left" if o.cell[1] == 0 else "right"), "position"
 
 
 def expression_of(o: Obj, rng: np.random.Generator) -> str:
@@ -221,30 +166,23 @@ def image_codes(img: Image.Image) -> list[int]:
     return ((q[..., 0] >> 3) << 8 | (q[..., 1] >> 4) << 4 | (q[..., 2] >> 4)).reshape(-1).tolist()
 
 
-def _scene(seed: int, split: str, i: int, size: int, max_objects: int = 4, object_size=(0.16, 0.36),
-           plain: bool = False, closeup: float = 0.0):
+def _scene(seed: int, split: str, i: int, size: int, max_objects: int = 4, object_size=(0.16, 0.36)):
     rng = np.random.default_rng([seed, {"train": 1, "valid": 2}[split], i])
-    img, objs = draw_scene(rng, size, max_objects, tuple(object_size), plain, closeup)
+    img, objs = draw_scene(rng, size, max_objects, tuple(object_size))
     return rng, img, objs, encode_base64_image(img, quality=90)
 
 
 def generate(out: str, seed: int = 1, size: str = "small", image_size: int = 256, max_objects: int = 4,
-             vqa_types=QUESTION_TYPES, train_scenes: int = 0, vl_qa_rows: int = 1,
-             object_size: tuple[float, float] = (0.16, 0.36), plain: bool = False, closeup: float = 0.0) -> dict:
+             vqa_types=QUESTION_TYPES, object_size: tuple[float, float] = (0.16, 0.36)) -> dict:
     """Write the dataset into `out`; returns the manifest (also written as manifest.json).
-    `max_objects` (1-4) and `vqa_types` (subset of QUESTION_TYPES) make the VQA task easier or harder;
-    `train_scenes` (> 0) replaces the size's number of training scenes; `vl_qa_rows` is the number of qa rows per
-    scene in the pretraining vision-language file (its caption and grounding rows stay one each); `object_size` and
-    `plain` are draw_scene's (bigger objects on a flat background are easier to see at small image sizes)."""
+    `max_objects` (1-4), `object_size` (draw_scene's) and `vqa_types` (a subset of QUESTION_TYPES, used by the VQA
+    files and the pretraining file's qa rows) choose the world; DEFAULT_RUN_WORLD is the default run's."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}")
-    if not 1 <= max_objects <= 4 or not vqa_types or set(vqa_types) - set(ALL_QUESTION_TYPES):
-        raise ValueError(f"max_objects must be 1..4 and vqa_types a subset of {ALL_QUESTION_TYPES}")
-    if train_scenes < 0 or vl_qa_rows < 0:
-        raise ValueError(f"train_scenes and vl_qa_rows must be >= 0, got {train_scenes}, {vl_qa_rows}")
+    if not 1 <= max_objects <= 4 or not vqa_types or set(vqa_types) - set(QUESTION_TYPES):
+        raise ValueError(f"max_objects must be 1..4 and vqa_types a subset of {QUESTION_TYPES}")
     t0 = time.time()
     n_train, n_valid, q_per = SIZES[size]
-    n_train = train_scenes or n_train
     dirs = {k: os.path.join(out, k) for k in ("pretrain", "caption", "vqa", "refcoco", "snli_ve")}
     for d in dirs.values():
         os.makedirs(d, exist_ok=True)
@@ -273,7 +211,7 @@ def generate(out: str, seed: int = 1, size: str = "small", image_size: int = 256
     try:
         for split, n in (("train", n_train), ("valid", n_valid)):
             for i in range(n):
-                rng, img, objs, b64 = _scene(seed, split, i, image_size, max_objects, object_size, plain, closeup)
+                rng, img, objs, b64 = _scene(seed, split, i, image_size, max_objects, object_size)
                 sid = f"{split}{i}"
                 iid = (0 if split == "train" else 10_000_000) + i
                 cap = caption_of(objs)
@@ -283,7 +221,7 @@ def generate(out: str, seed: int = 1, size: str = "small", image_size: int = 256
                 else:
                     w("caption_valid", sid, iid, cap + "&&" + caption_of(objs, reverse=True), kinds, b64)
                 for k in range(q_per if split == "train" else 2):
-                    q, a, at = question_of(objs, rng, vqa_types, img.info.get("background", ""))
+                    q, a, at = question_of(objs, rng, vqa_types)
                     answers.setdefault(a, at)
                     w(f"vqa_{split}", f"{sid}_{k}", iid, q, f"1.0|!+{a}", kinds, b64)
                 for k in range(2):
@@ -297,11 +235,9 @@ def generate(out: str, seed: int = 1, size: str = "small", image_size: int = 256
                 captions.append(cap)
                 gt = "&&".join(o.kind for o in objs)
                 w("vision_language", f"{sid}_c", b64, cap, "", "", gt, "synthetic", "caption")
-                for k in range(vl_qa_rows):
-                    q, a, at = question_of(objs, rng, vqa_types, img.info.get("background", ""))
-                    all_answers.setdefault(a, at)
-                    w("vision_language", f"{sid}_q" + (str(k) if k else ""), b64, cap, q, f"1.0|!+{a}", gt,
-                      "synthetic", "qa")
+                q, a, at = question_of(objs, rng, vqa_types)
+                all_answers.setdefault(a, at)
+                w("vision_language", f"{sid}_q", b64, cap, q, f"1.0|!+{a}", gt, "synthetic", "qa")
                 o = objs[int(rng.integers(len(objs)))]
                 w("vision_language", f"{sid}_g", b64, expression_of(o, rng), "", ",".join(map(str, o.box)),
                   o.kind, "synthetic", "visual_grounding")
@@ -329,10 +265,12 @@ def generate(out: str, seed: int = 1, size: str = "small", image_size: int = 256
     with open(ans_file, "w") as f:
         json.dump({a: i for i, a in enumerate(sorted(answers))}, f, indent=1)
     rel = lambda p: os.path.relpath(p, out)  # noqa: E731
+    # vl_qa_rows / plain / closeup: the fixed values of switches that earlier versions had, kept so that manifests
+    # stay comparable across versions
     manifest = {
         "seed": seed, "size": size, "image_size": image_size, "max_objects": max_objects,
-        "vqa_types": list(vqa_types), "train_scenes": n_train, "vl_qa_rows": vl_qa_rows,
-        "object_size": list(object_size), "plain": plain, "closeup": closeup, "seconds": round(time.time() - t0, 2),
+        "vqa_types": list(vqa_types), "train_scenes": n_train, "vl_qa_rows": 1,
+        "object_size": list(object_size), "plain": False, "closeup": 0.0, "seconds": round(time.time() - t0, 2),
         "rows": {k: counts[k] for k in files}, "files": {k: rel(v) for k, v in files.items()},
         "vqa_answers": rel(ans_file), "negative_sample": rel(neg_dir),
     }

@@ -90,111 +90,33 @@ def test_image_codes_quantiser():
     assert max(image_codes(Image.new("RGB", (256, 256), (255, 255, 255)))) == 8191
 
 
-def test_generator_knobs(tmp_path):
-    """train_scenes / vl_qa_rows change the row counts; object_size / plain change the drawing; defaults are the
-    original scenes draw for draw (the files of `test_files_and_determinism` stay identical)."""
-    out = str(tmp_path / "k")
-    man = generate(out, seed=3, size="tiny", image_size=96, train_scenes=10, vl_qa_rows=3, object_size=(0.3, 0.44),
-                   plain=True)
-    assert man["train_scenes"] == 10 and man["rows"]["caption_train"] == 10
-    assert man["rows"]["vision_language"] == 10 * (1 + 3 + 1)
-    with open(os.path.join(out, "pretrain/vision_language_examples.tsv")) as fh:
-        types = [line.rstrip("\n").split("\t")[7] for line in fh]
-    assert types.count("qa") == 30 and len({line for line in types}) == 3
+def test_generator_options(tmp_path):
+    """object_size bounds the drawn shapes; vqa_types decides the VQA files' and the pretraining file's questions;
+    unknown question types, no types and more than 4 objects are refused."""
     rng = np.random.default_rng([5, 1])
-    img, objs = draw_scene(rng, 256, object_size=(0.3, 0.44), plain=True)
-    assert all(0.3 * 256 <= o.box[2] - o.box[0] - 1 <= 0.44 * 256 for o in objs)
-    arr = np.asarray(img)
-    assert tuple(arr[0, 0]) == tuple(arr[-1, -1]) == (225, 225, 225)       # flat grey, no tint or gradient
+    for _ in range(20):
+        _, objs = draw_scene(rng, 256, object_size=(0.3, 0.44))
+        assert all(int(0.3 * 256) <= o.box[2] - o.box[0] - 1 < 0.44 * 256 for o in objs)
     with pytest.raises(ValueError, match="object_size"):
         draw_scene(rng, 256, object_size=(0.3, 0.6))
-    with pytest.raises(ValueError, match="vl_qa_rows"):
-        generate(str(tmp_path / "bad"), size="tiny", vl_qa_rows=-1)
-
-
-def test_closeup_scenes():
-    """closeup=1 draws one large shape whose box, colour and left/right cell are true; 0 < p < 1 mixes them in at
-    about that rate; values outside [0, 1] are refused."""
-    for i in range(40):
-        rng = np.random.default_rng([11, i])
-        img, objs = draw_scene(rng, 128, closeup=1.0)
-        assert len(objs) == 1
-        o = objs[0]
-        x0, y0, x1, y1 = o.box
-        assert int(0.55 * 128) <= x1 - x0 - 1 <= 0.75 * 128 and 0 <= x0 and x1 <= 128 and 0 <= y0 and y1 <= 128
-        arr = np.asarray(img).astype(int)
-        assert np.abs(arr[(y0 + y1) // 2, (x0 + x1) // 2] - np.array(COLORS[o.color])).max() < 40
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        assert o.cell == (int(cy > 64), int(cx > 64)) and abs(cx - 64) >= 0.07 * 128
-    n_close = sum(len(objs) == 1 and objs[0].box[2] - objs[0].box[0] > 64
-                  for objs in (draw_scene(np.random.default_rng([12, i]), 128, closeup=0.3)[1] for i in range(300)))
-    assert 60 <= n_close <= 120
-    with pytest.raises(ValueError, match="closeup"):
-        draw_scene(np.random.default_rng(0), 128, closeup=1.5)
-
-
-def test_cli_closeup(tmp_path):
-    from ofa_ds.data.__main__ import main
-    out = str(tmp_path / "cu")
-    assert main(["synthetic", "--out", out, "--size", "tiny", "--image-size", "64", "--closeup", "1"]) == 0
-    man = json.load(open(os.path.join(out, "manifest.json")))
-    assert man["closeup"] == 1.0
-    with open(os.path.join(out, "caption/caption_stage1_train.tsv")) as fh:
-        caps = [line.split("\t")[2] for line in fh]
-    assert len(caps) == 24 and all(" and " not in c and "," not in c for c in caps)
-
-
-def test_cell_questions_name_the_object_in_that_cell(tmp_path):
-    """color_at / shape_at: the answer is the colour / kind of the object drawn in the named quadrant (checked on
-    the pixels for colour), and vqa_types also decides the pretraining file's qa rows."""
-    for i in range(60):
-        rng = np.random.default_rng([11, i])
-        img, objs = draw_scene(rng, 256)
-        q, a, t = question_of(objs, rng, ("color_at", "shape_at"))
-        words = q.rstrip("?").split()
-        row, col = (0 if words[-2] == "top" else 1), (0 if words[-1] == "left" else 1)
-        (o,) = [o for o in objs if o.cell == (row, col)]
-        half = 128
-        assert row * half <= (o.box[1] + o.box[3]) / 2 < (row + 1) * half
-        assert col * half <= (o.box[0] + o.box[2]) / 2 < (col + 1) * half
-        if t == "color":
-            assert q.startswith("what color is the shape at the") and a == o.color
-            cx, cy = (o.box[0] + o.box[2]) // 2, (o.box[1] + o.box[3]) // 2 + (o.box[3] - o.box[1]) // 4
-            assert tuple(np.asarray(img)[cy, cx]) == COLORS[a]
-        else:
-            assert t == "shape" and q.startswith("what shape is at the") and a == o.kind
-    out = str(tmp_path / "cells")
-    generate(out, size="tiny", vqa_types=("color_at", "shape_at"))
+    out = str(tmp_path / "colour")
+    generate(out, size="tiny", image_size=64, vqa_types=("color",))
     for f, col in (("vqa/vqa_train.tsv", 2), ("pretrain/vision_language_examples.tsv", 3)):
         with open(os.path.join(out, f)) as fh:
             qs = [c[col] for c in (line.rstrip("\n").split("\t") for line in fh) if c[col]]
-        assert qs and all(" at the " in q for q in qs), f
-    with pytest.raises(ValueError, match="vqa_types"):
-        generate(str(tmp_path / "bad"), size="tiny", vqa_types=("colour_at",))
+        assert qs and all(q.startswith("what color is the ") for q in qs), f
+    for bad in (dict(vqa_types=("color_at",)), dict(vqa_types=()), dict(max_objects=5)):
+        with pytest.raises(ValueError, match="vqa_types"):
+            generate(str(tmp_path / "bad"), size="tiny", **bad)
 
 
-def test_presence_and_scene_questions_are_true():
-    """has_color / has_shape (yes about half the time), bg_color (the drawn background's name), first_color /
-    first_shape (the object with the leftmost centre)."""
-    from ofa_ds.data.synthetic import BACKGROUND_NAMES, BACKGROUNDS
-    yes = 0
-    for i in range(200):
-        rng = np.random.default_rng([13, i])
-        img, objs = draw_scene(rng, 128, plain=i % 5 == 0)
-        q, a, t = question_of(objs, rng, ("has_color", "has_shape"))
-        word = q[len("is there a "):-1].replace(" shape", "")
-        assert t == "yes/no" and a == ("yes" if word in {o.color for o in objs} | {o.kind for o in objs} else "no")
-        yes += a == "yes"
-        bg = img.info["background"]
-        q, a, t = question_of(objs, rng, ("bg_color",), background=bg)
-        px = np.asarray(img)[64, 0].astype(int)                      # the middle row: no gradient there
-        nearest = min(range(len(BACKGROUNDS)), key=lambda k: np.abs(np.array(BACKGROUNDS[k]) - px).sum())
-        assert a == bg == BACKGROUND_NAMES[nearest] and (i % 5 or bg == "gray")
-        q, a, _ = question_of(objs, rng, ("first_color",))
-        left = min(objs, key=lambda o: o.box[0] + o.box[2])
-        assert q == "what color is the leftmost shape?" and a == left.color
-        assert question_of(objs, rng, ("first_shape",))[1] == left.kind
-    assert 0.4 <= yes / 200 <= 0.7
+def test_cli_writes_the_default_run_world(tmp_path):
+    from ofa_ds.data.__main__ import main
+    from ofa_ds.data.synthetic import world_differences
+    out = str(tmp_path / "cli")
+    assert main(["synthetic", "--out", out, "--size", "tiny", "--image-size", "64", "--max-objects", "1",
+                 "--object-size", "0.34,0.44", "--vqa-types", "color,shape,position"]) == 0
+    assert world_differences(json.load(open(os.path.join(out, "manifest.json")))) == {}
 
 
 def test_default_run_world(tmp_path):
