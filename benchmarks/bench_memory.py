@@ -275,7 +275,6 @@ CLUSTERS = [("8xA100-40GB", 8, 1, 40), ("8xA100-80GB", 8, 1, 80), ("8xV100-32GB"
 
 def pipeline_stage_params(cfg, stages: int = 2) -> list[int]:
     """Parameters per stage of build_pipeline(partition_method='parameters') (tied table on first and last)."""
-    import torch
     from deepspeed.runtime.utils import partition_balanced
     from ofa_ds.training.pipeline import build_layer_modules, layer_roles
     mods = build_layer_modules(cfg)
@@ -365,8 +364,8 @@ def table(a) -> int:
             d["optimizer"] = "ds_cpu_adamw"
         key = (d["preset"], d["strategy"], d["act_ckpt"], d["batch"], d["image"], d["optimizer"])
         latest[key] = d
-    print("| preset | strategy | act. ckpt | batch × image | optimizer | params rank0 / rank1 | peak RSS GiB rank0 / rank1 "
-          "| step s | date, commit |")
+    print("| preset | strategy | act. ckpt | batch × image | optimizer | params rank0 / rank1 "
+          "| peak RSS GiB rank0 / rank1 | step s | date, commit |")
     print("|---|---|---|---|---|---|---|---|---|")
     for d in latest.values():
         print(f"| {d['preset']} | {d['strategy']} | {'on' if d['act_ckpt'] == '1' else 'off'} | {d['batch']} × "

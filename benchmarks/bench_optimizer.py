@@ -59,7 +59,8 @@ def main() -> None:
         if not a.no_record:
             append_csv("optimizer.csv", {**base_row(), "threads": torch.get_num_threads(), "preset": a.preset,
                                          "tensors": len(shapes), "params": n, "variant": name,
-                                         "ms_per_step": round(s * 1e3, 2), "speedup_vs_loop": round(secs["loop"] / s, 2),
+                                         "ms_per_step": round(s * 1e3, 2),
+                                         "speedup_vs_loop": round(secs["loop"] / s, 2),
                                          "max_abs_diff_vs_loop": f"{diff:.2e}"})
     print(f"max |difference| of the updated weights between variants after one step: {diff:.2e}")
 

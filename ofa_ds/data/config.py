@@ -72,7 +72,8 @@ class DataConfig:
     add_caption: bool = False
     """SNLI-VE: include the premise caption in the prompt."""
     constraint_masks: str = "dense"
-    """'dense' gives Bool[B,T,V] constraint_masks; 'compact' gives constraint_rows Bool[R,V] + constraint_index Long[B,T]."""
+    """'dense' gives Bool[B,T,V] constraint_masks; 'compact' gives constraint_rows Bool[R,V] + constraint_index
+    Long[B,T]."""
     imagenet_default_mean_and_std: bool = False
     """ImageNet task: use ImageNet mean/std instead of 0.5/0.5."""
     noise_ratio: float = 0.0

@@ -98,7 +98,8 @@ def load_image(images_dir: str, name: str, max_side: Optional[int]) -> tuple[str
     if max_side and max(w, h) > max_side:
         s = max_side / max(w, h)
         nw, nh = max(1, round(w * s)), max(1, round(h * s))
-        return encode_base64_image(img.convert("RGB").resize((nw, nh), Image.BICUBIC), quality=95), nw / w, nh / h, nw, nh
+        resized = img.convert("RGB").resize((nw, nh), Image.BICUBIC)
+        return encode_base64_image(resized, quality=95), nw / w, nh / h, nw, nh
     return base64.b64encode(raw).decode("ascii"), 1.0, 1.0, w, h
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any, Iterator, Optional
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig

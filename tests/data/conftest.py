@@ -1,6 +1,5 @@
 """Fixtures for the data tests: the shared tokenizer, a tiny synthetic dataset (generated once per session),
 and helpers writing small TSV files with hand-made rows in the official formats."""
-import os
 
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """Pretraining builder: the three vision-language row types, ITM negatives, v2 extras every 8th row, pairing."""
 import json
-import os
 
 import numpy as np
 import pytest

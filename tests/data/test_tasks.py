@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ofa_ds.data import DataConfig, make_task
-from ofa_ds.data.text import build_trie, pre_caption, pre_question, span_mask
+from ofa_ds.data.text import pre_caption, pre_question, span_mask
 from tests.data.conftest import b64, make_image
 
 CAPTION_PROMPT = [99, 473, 5, 2274, 6190, 116]

@@ -60,7 +60,8 @@ def test_literal_special_tokens(tok):
     assert tok.encode(prompt) == [1437, 99, 473, 5, 976, 6190, 116, 976, 35, 58458, 58459, 58460, 58461]
     assert tok.decode(tok.encode(prompt)) == prompt
     # detection-style target: bins then " {class}" with its own leading space
-    assert tok.encode("<bin_0> <bin_1> <bin_2> <bin_999> person") == [58457, 58458, 58459, 59456, tok.encode(" person")[0]]
+    assert tok.encode("<bin_0> <bin_1> <bin_2> <bin_999> person") == [58457, 58458, 58459, 59456,
+                                                                       tok.encode(" person")[0]]
     assert tok.encode("<code_0><code_8191> <mask>") == [50265, 58456, 50264]
     assert tok.encode("<bin_1000> <bin_01>") == [3, 3]  # unknown literals -> <unk>, like fairseq encode_line
     assert tok.encode("<bin_x>") == tok._encode_plain("<bin_x>")  # not a literal: BPE'd
@@ -183,9 +184,11 @@ def _gpt2_reference():
 REF_STRINGS = [
     " what does the image describe?", "  what", "Hello, World!", "I'm can't won't they'll we've you'd she's",
     "THEY'RE 'S 'LL", "12345 678.90 3,000,000", "abc123def 4ever", "   leading", "trailing   ", "a  b   c",
-    "line1\nline2\n\nline3", "tab\tseparated\tvalues", "\r\n windows", "\u00a0non-breaking\u00a0space", "\u3000ideographic",
+    "line1\nline2\n\nline3", "tab\tseparated\tvalues", "\r\n windows", "\u00a0non-breaking\u00a0space",
+    "\u3000ideographic",
     "naïve café résumé", "Straße Ärger Öl", "Привет, мир!", "Γειά σου Κόσμε", "שלום עולם", "مرحبا", "नमस्ते दुनिया",
-    "你好，世界！", "こんにちは世界", "안녕하세요", "ไทย ภาษา", "😀😃😄 emoji", "👩‍👩‍👧 family", "🇫🇷 flag", "e\u0301 combining",
+    "你好，世界！", "こんにちは世界", "안녕하세요", "ไทย ภาษา", "😀😃😄 emoji", "👩‍👩‍👧 family", "🇫🇷 flag",
+    "e\u0301 combining",
     "~!@#$%^&*()_+`-=[]{}|;:,./<>?", "...!!!???", "--double--dash--", "http://example.com/a?b=c&d=e",
     "email@example.com", "C++ and C# and F#", "x² + y³ = z½", "Ⅻ roman ⅷ", "١٢٣ arabic digits", "snake_case_name",
     "camelCaseName", "ALLCAPS WORD", "a" * 60, " " * 7, "\u200bzero\u200bwidth", "<|endoftext|>", "madeupword0000",

@@ -4,7 +4,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from ofa_ds.data import DataConfig, DataStream
 from ofa_ds.data.tsv import TSVFile, build_offsets, epoch_order, rank_positions

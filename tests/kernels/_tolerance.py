@@ -30,4 +30,5 @@ def assert_within_rule(name: str, out: Tensor, ref32: Tensor, lowp: Tensor | Non
     worst = (err - bound).argmax()
     assert (err <= bound).all(), (
         f"{name} ({out.dtype}, computed in {compute_dtype}): {int((err > bound).sum())} of {err.numel()} elements "
-        f"out of tolerance; worst err {err.flatten()[worst].item():.3g} > bound {bound.flatten()[worst].item():.3g} (ref max {scale:.3g})")
+        f"out of tolerance; worst err {err.flatten()[worst].item():.3g} > bound {bound.flatten()[worst].item():.3g} "
+        f"(ref max {scale:.3g})")

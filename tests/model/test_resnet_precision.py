@@ -34,7 +34,8 @@ def test_batchnorm_bf16_input_with_fp32_statistics_matches_fp32_reference():
     torch.testing.assert_close(bn.running_mean, ref.running_mean, atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(bn.running_var, ref.running_var, atol=3e-2, rtol=1e-2)
     assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == 3
-    bn.eval(); ref.eval()                                  # eval: running statistics
+    bn.eval()                                              # eval: running statistics
+    ref.eval()
     torch.testing.assert_close(bn(x.to(torch.bfloat16)).float(), ref(x.to(torch.bfloat16).float()),
                                atol=3e-2, rtol=2e-2)
 

@@ -3,7 +3,6 @@ eval 1,4,2. Train targets are punctuation-stripped and cut to max_tgt_length wor
 eval targets are the '&&'-joined stripped references, also returned as `captions` (list of lists) for CIDEr."""
 from __future__ import annotations
 
-from ..collate import Sample
 from ..text import strip_punct_words
 from .base import Task
 
