@@ -41,7 +41,8 @@ class ModelConfig:
     decoder_layers: int = 4
     """Number of decoder layers."""
     resnet_layers: tuple[int, int, int] = (3, 4, 6)
-    """Bottleneck blocks in the three ResNet stages used: [3,4,6] 'resnet50', [3,4,23] 'resnet101', [3,8,36] 'resnet152'."""
+    """Bottleneck blocks in the three ResNet stages used: [3,4,6] 'resnet50', [3,4,23] 'resnet101',
+    [3,8,36] 'resnet152'."""
     max_source_positions: int = 1024
     """Text positions of the encoder (the position table has this + 2 rows)."""
     max_target_positions: int = 1024
@@ -96,7 +97,8 @@ class ModelConfig:
     resnet_drop_path_rate: float = 0.0
     """Maximum drop-path rate inside ResNet stages."""
     kernel_backend: KernelBackend = "torch"
-    """Attention/LayerNorm implementation: 'torch', 'triton', or 'auto' (Triton on CUDA with compute capability >= 8)."""
+    """Attention/LayerNorm implementation: 'torch', 'triton', or 'auto' (Triton on CUDA with compute capability
+    >= 8)."""
 
     def __post_init__(self) -> None:
         self.resnet_layers = tuple(self.resnet_layers)  # JSON gives a list

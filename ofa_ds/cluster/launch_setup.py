@@ -29,7 +29,6 @@ import argparse
 import glob
 import os
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
