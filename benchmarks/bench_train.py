@@ -18,6 +18,7 @@ import os
 import statistics
 import sys
 import tempfile
+import types
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,7 +61,7 @@ def time_steps(step_fn, batches, warmup: int, steps: int, sync: bool = True) -> 
 
 
 def row(a, name: str, stage, prec: str, world: int, times: list[float], tot: dict, plain_ms: float | None) -> dict:
-    from ofa_ds.training.metrics import device_peak_tflops, peak_mem_gib
+    from ofa_ds.training.metrics_log import device_peak_tflops, peak_mem_gib
     secs = sum(times)
     tflops = tot["flops"] / secs / 1e12
     peak = device_peak_tflops(prec)
@@ -76,27 +77,30 @@ def row(a, name: str, stage, prec: str, world: int, times: list[float], tot: dic
 
 
 def plain_baseline(a, out: str) -> tuple[list[float], dict]:
-    """One rank, no DeepSpeed: the trainer's forward/loss with torch AdamW and manual clipping."""
-    from ofa_ds.training.trainer import Trainer, build_model
+    """One rank, no DeepSpeed: the dense strategy's forward/loss with torch AdamW and manual clipping."""
     from ofa_ds.data import DataStream
+    from ofa_ds.model import OFAModel
+    from ofa_ds.training.dense import DenseStrategy
+    from ofa_ds.training.objective import micro_batch_sizes
     run = make_run(a, COMPARE[0], out)
-    tr = Trainer(run)
-    tr.run_cfg, tr.world, tr.rank, tr.device, tr.dtype, tr.step = run, 1, 0, torch.device("cpu"), torch.float32, 0
-    model = build_model(run)
-    tr.model_cfg = run.model
+    torch.manual_seed(run.train.seed)
+    model = OFAModel(run.model)
     opt = torch.optim.AdamW(model.parameters(), lr=run.train.lr, betas=run.train.betas, eps=run.train.adam_eps,
                             weight_decay=run.train.weight_decay, foreach=True)
-    tr.engine = model
+    # the strategy reads these fields of a trainer; the model itself stands in for the engine
+    tr = types.SimpleNamespace(run_cfg=run, world=1, rank=0, device=torch.device("cpu"), dtype=torch.float32,
+                               step=0, engine=model)
+    strategy = DenseStrategy()
     stream = DataStream(run.data, "train", 0, 1)
 
     def step(b):
-        size, parts, samples, tokens, flops = tr._micro_sizes(b)
-        out_, _ = tr._forward(b, parts)
-        (out_.loss / size).backward()
+        sizes = micro_batch_sizes(run.model, run.train, b)
+        out_, _ = strategy._forward(tr, b, sizes.parts)
+        (out_.loss / sizes.size).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), run.train.clip_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return {"samples": samples, "tokens": tokens, "flops": flops}
+        return {"samples": sizes.samples, "tokens": sizes.tokens, "flops": sizes.flops}
 
     return time_steps(step, _forever(stream), a.warmup, a.steps, sync=False)   # rank 0 alone
 
@@ -109,7 +113,7 @@ def _forever(stream):
 def ds_run(a, ds_config: str, out: str) -> tuple[list[float], dict, object]:
     from ofa_ds.training.trainer import Trainer
     tr = Trainer(make_run(a, ds_config, out))
-    tr._setup()
+    tr.setup()
     times, tot = time_steps(lambda b: tr.train_step([b]), _forever(tr.stream), a.warmup, a.steps)
     return times, tot, tr
 
@@ -129,8 +133,9 @@ def main() -> int:
     p.add_argument("--csv", default="bench_train.csv")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     a = p.parse_args()
-    from ofa_ds.training import engine as E
-    rank, world, _ = E.init_distributed()
+    from ofa_ds.training.ds_config import zero_stage
+    from ofa_ds.training.engine import init_distributed
+    rank, world, _ = init_distributed()
     root = make_run(a, a.ds_config, "unused").synthetic_root
     if rank == 0 and root and not os.path.isfile(os.path.join(root, "manifest.json")):
         from ofa_ds.data.synthetic import generate
@@ -150,7 +155,7 @@ def main() -> int:
         for cfg in (a.compare_configs if a.compare else [a.ds_config]):
             times, tot, tr = ds_run(a, cfg, os.path.join(tmp, os.path.basename(cfg)))
             if rank == 0:
-                r = row(a, os.path.basename(cfg), E.zero_stage(tr.ds_cfg), tr.precision, world, times, tot, plain_ms)
+                r = row(a, os.path.basename(cfg), zero_stage(tr.ds_cfg), tr.precision, world, times, tot, plain_ms)
                 print(r, flush=True)
                 append_csv(a.csv, r)
             del tr
@@ -159,5 +164,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from ofa_ds.training.ports import exit_process
-    exit_process(main())   # not sys.exit: see ports.exit_process
+    from ofa_ds.training.shutdown import exit_process
+    exit_process(main())   # not sys.exit: see ofa_ds.training.shutdown

@@ -14,7 +14,7 @@ What is unusual (and easy to get wrong):
   * Everything is summed, never averaged: the trainer divides by the global sample size, as fairseq does.
 
 `logits` may be [B,T,V] or *packed* [N,V]: the rows of the N non-pad targets in row-major order (what
-`ofa_ds.training.model.TrainingOFA` returns), which skips the output projection of padded positions.
+`OFAModel.forward(..., keep=mask)` returns), which skips the output projection of padded positions.
 
 Compact constraint masks (`constraint_rows` Bool[R,V] + `constraint_index` Long[B,T], from the collater's
 `constraint_masks="compact"` mode) are accepted wherever a dense Bool[B,T,V] mask is.

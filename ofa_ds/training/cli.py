@@ -3,7 +3,8 @@
     deepspeed [--num_gpus N] launch/pretrain.py [--recipe NAME] [--ds-config PATH] [--out DIR] [--steps N]
         [--init CKPT] [--resume] [--set section.field=value ...]
 
-The last line rank 0 prints is one JSON object: the final held-out metrics and run facts. Bad input (unknown recipe,
+The last JSON line rank 0 prints is the final report (held-out metrics and run facts), also written to
+<out>/report.json; readers take the last line that parses as JSON (`last_json_line`). Bad input (unknown recipe,
 unknown --set field, a ds_config that disagrees with the run) exits with status 2 and a one-line error.
 """
 from __future__ import annotations
@@ -56,22 +57,22 @@ def main(argv: list[str] | None = None, default_recipe: str = "default", descrip
     if a.print_config:
         print(run.to_json())
         return 0
-    from ofa_ds.training.engine import ConfigMismatch
-    from ofa_ds.training.trainer import trainer_for
+    from ofa_ds.training.ds_config import ConfigMismatch
+    from ofa_ds.training.trainer import Trainer
     try:
-        report = trainer_for(run, resume=a.resume).run()     # a "pipeline" block in the ds_config picks PipeTrainer
+        report = Trainer(run, resume=a.resume).run()      # a "pipeline" block in the ds_config picks the pipeline
     except (ConfigMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _shutdown_distributed()
     if int(os.environ.get("RANK", "0")) == 0:
-        emit_last_line(json.dumps(report, sort_keys=True))
+        print(json.dumps(report, sort_keys=True), flush=True)
     return 0
 
 
 def _shutdown_distributed() -> None:
     """Let every rank finish before rank 0 reports, then tear the default process group down. The launch scripts
-    still leave through ports.exit_process: the engine keeps its own gloo groups alive past this call."""
+    still leave through `shutdown.exit_process`: the engine keeps its own gloo groups alive past this call."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -79,45 +80,14 @@ def _shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _under_ds_launcher() -> int | None:
-    """PID of the deepspeed launcher process that started us, if that is our parent."""
-    ppid = os.getppid()
-    try:
-        with open(f"/proc/{ppid}/cmdline", "rb") as f:
-            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return None
-    return ppid if "deepspeed.launcher.launch" in cmd else None
-
-
-def emit_last_line(line: str) -> None:
-    """Print the final report so that it is the last line of the job's output. The deepspeed launcher logs
-    "Process N exits successfully." on stdout after its children exit, so under the launcher a detached helper
-    holding our stdout waits for the launcher process to finish and prints the line then (a reader of the job's
-    output pipe sees it last). Elsewhere, or if forking fails, the line is printed at once."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    launcher = _under_ds_launcher()
-    if launcher is None or not hasattr(os, "fork"):
-        print(line, flush=True)
-        return
-    try:
-        pid = os.fork()
-    except OSError:
-        print(line, flush=True)
-        return
-    if pid:
-        return
-    try:                                     # detached helper: outlive the launcher, then print and leave
-        import time
-        os.setsid()
-        deadline = time.time() + 60
-        while time.time() < deadline:
+def last_json_line(text: str) -> dict:
+    """The last line of `text` that parses as a JSON object: the report in a job's output. (Under the deepspeed
+    launcher the launcher's own "exits successfully" log lines follow it.)"""
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
             try:
-                os.kill(launcher, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.02)
-        os.write(1, (line + "\n").encode())
-    finally:
-        os._exit(0)
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    raise ValueError("no line of the output parses as a JSON object")

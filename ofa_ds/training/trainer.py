@@ -1,25 +1,27 @@
 """The training loop: `Trainer(run).run()` pretrains or finetunes OFA through a DeepSpeed engine.
 
-One optimizer step = `grad_accum` micro-batches per rank. What is unusual:
-  * Loss normalisation is fairseq's, not DeepSpeed's: the summed token losses of all micro-batches on all ranks are
-    divided by their summed sample size (tokens, or 1 per pretraining (v1, v2) pair, §7.1). The sample sizes of a
-    step are all-reduced before the first backward; each micro-batch's loss is scaled by world·accum / total so that
-    DeepSpeed's averaging over ranks and accumulation lands exactly on Σ∇loss / Σ sample_size.
-  * ZeRO-3 gathers parameters per module call, so every rank must call the same modules the same number of times
-    (user-needs §2.1): `code_masks` is always a tensor (the model then runs both decoder variants), image tasks
-    always carry images (zeros + patch_masks False for text-only samples, done by the collater), and when ranks
-    disagree on whether a micro-batch is a (v1, v2) pair the ranks with fewer parts repeat a forward with weight 0.
-  * A micro-batch whose loss is not finite on any rank contributes zero gradient on every rank (the same graph is
-    still run, so collectives stay matched) and is counted in skipped_steps; fp16 overflow skips are added to it.
+One loop for every parallel layout. What differs between the dense model (data parallel, ZeRO 0-3) and the pipeline
+(DeepSpeed PipelineModule) sits behind a small strategy interface, `training/dense.py` and
+`training/pipeline_strategy.py`; the ds_config's "pipeline" block picks the second. A strategy builds the module,
+names the data shard, resolves its ds_config, runs one optimizer step, and provides the model for evaluation/export.
+
+What is unusual:
+  * The RunConfig is resolved once in `setup` (the checkpoint named by --init decides the architecture, train.epochs
+    becomes max_steps, "auto" precision is taken from the ds_config) into a new object, `self.run_cfg`; it is written to
+    config.json and only read afterwards.
+  * One optimizer step = `grad_accum` micro-batches per rank; the loss is normalised by the step's global sample size
+    (fairseq's convention, see `training/dense.py`).
   * Resume restores weights, optimizer, scheduler, data position (epoch, batch) and RNG states, so the continued run
     produces the same losses and sample ids as an uninterrupted one.
+  * The final report (held-out metrics + run facts) is written to `<out>/report.json` and returned; the command line
+    prints it as rank 0's last JSON line.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from typing import Any, Iterator
 
@@ -27,29 +29,29 @@ import torch
 import torch.distributed as dist
 
 from ofa_ds.config import RunConfig
-from ofa_ds.losses import LossOut, encouraging_loss, label_smoothed_ce, pair_loss, sample_weights
-from ofa_ds.model import OFAModel, train_flops_per_sample
-from ofa_ds.model.flops import resnet_train_flops
-from ofa_ds.model.ofa import distinct_images
-from ofa_ds.training import engine as E
-from ofa_ds.training import evaluate as EV
-from ofa_ds.training.metrics import MetricsLogger, device_peak_tflops, peak_mem_gib
-from ofa_ds.training.model import TrainingOFA, as_training_model
+from ofa_ds.model import OFAModel
+from ofa_ds.training import evaluate
+from ofa_ds.training.checkpoints import find_resume_tag, load_checkpoint, save_checkpoint, tag_for
+from ofa_ds.training.dense import DenseStrategy
+from ofa_ds.training.ds_config import resolve_precision, zero_stage
+from ofa_ds.training.engine import all_reduce, grad_norm, init_distributed, initialize, loss_scale
+from ofa_ds.training.metrics_log import MetricsLogger, device_peak_tflops, peak_mem_gib
+from ofa_ds.training.objective import micro_batch_sizes, parts_of
+from ofa_ds.training.pipeline_strategy import PipelineStrategy, has_pipeline_block, raw_ds_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+REPORT_FILE = "report.json"
 
 
-def _all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op)
-    return t.tolist()
+def strategy_for(run: RunConfig) -> DenseStrategy | PipelineStrategy:
+    """The pipeline strategy when the run's DeepSpeed JSON has a "pipeline" block, else the dense one."""
+    return PipelineStrategy(run) if has_pipeline_block(run.ds_config) else DenseStrategy()
 
 
-def init_source(run: RunConfig) -> tuple[str, dict[str, Any]] | None:
-    """(path, ModelConfig overrides) of the weights named by train.init, or None for a fresh model: an official .pt,
-    an exported folder, or one of our run folders (its final/ folder). The overrides keep this run's dropout and
-    kernel settings; the checkpoint decides the architecture."""
+def load_init(run: RunConfig) -> OFAModel | None:
+    """The weights named by train.init (an official .pt, an exported folder, or one of our run folders: its final/
+    folder), or None for a fresh model. This run's dropout and kernel settings are kept; the checkpoint decides the
+    architecture."""
     init = run.train.init
     if not init:
         return None
@@ -58,69 +60,55 @@ def init_source(run: RunConfig) -> tuple[str, dict[str, Any]] | None:
     keep = {k: getattr(run.model, k) for k in ("dropout", "attention_dropout", "activation_dropout",
                                               "encoder_drop_path_rate", "decoder_drop_path_rate",
                                               "resnet_drop_path_rate", "kernel_backend", "frozen_bn")}
-    return init, keep
-
-
-def build_model(run: RunConfig) -> OFAModel:
-    """A fresh OFA model, or the weights named by train.init (official .pt, exported folder, or one of our runs)."""
-    torch.manual_seed(run.train.seed)
-    src = init_source(run)
-    if src is None:
-        return TrainingOFA(run.model)
     from ofa_ds.checkpoint import load_any
-    model = load_any(src[0], **src[1])
-    run.model = model.cfg          # the checkpoint decides the architecture; the resolved config records it
-    return as_training_model(model).train()
-
-
-def trainer_for(run: RunConfig, resume: bool = False) -> "Trainer":
-    """The pipeline-parallel trainer when the run's DeepSpeed JSON has a "pipeline" block, else the dense one."""
-    from ofa_ds.training.pipe_trainer import PipeTrainer, has_pipeline_block
-    return (PipeTrainer if has_pipeline_block(run.ds_config) else Trainer)(run, resume=resume)
+    return load_any(init, **keep)
 
 
 class Trainer:
-    shard_copies = 1
-    """How many ranks read the same data shard (the pipeline trainer: one per stage); global sums of per-rank
-    counts (samples, tokens, FLOPs, bad rows) are divided by it."""
-
     def __init__(self, run: RunConfig, resume: bool = False):
-        self.run_cfg = run
+        self.requested = run
+        self.run_cfg = run                      # replaced by the resolved config in setup()
         self.resume = resume
+        self.strategy = strategy_for(run)
+        self.grad_norm: float | None = None
+        self.last_loss: float | None = None
 
     # ---- set-up ----------------------------------------------------------------------------------------------------
-    def _setup(self) -> None:
-        run = self.run_cfg
-        self.rank, self.world, self.device = E.init_distributed()
+    def setup(self) -> None:
+        run, strategy = self.requested, self.strategy
+        strategy.check(None)                                   # before any process group exists: a clean exit 2
+        self.rank, self.world, self.device = init_distributed()
+        strategy.check(self.world)
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))   # ranks share the cores
         self.out = run.out_dir
         self.ckpt_dir = os.path.join(self.out, "checkpoints")
         if run.synthetic_root:
             self._ensure_synthetic(run.synthetic_root)
+        torch.manual_seed(run.train.seed)
+        init = load_init(run)
+        self.precision = resolve_precision(run.train.precision, raw_ds_config(run.ds_config))
+        self.run_cfg = dataclasses.replace(run, model=init.cfg if init is not None else run.model,
+                                       train=dataclasses.replace(run.train, precision=self.precision))
+        self.model_cfg = self.run_cfg.model
+        module = strategy.build(self, init)
+        del init
         from ofa_ds.data import DataStream
-        self.stream = DataStream(run.data, "train", self.rank, self.world)
+        self.stream = DataStream(self.run_cfg.data, "train", *strategy.data_shard(self))
         self.tok = self.stream.task.tok
-        if run.train.epochs > 0:          # OFA's --max-epoch: steps from this rank's batches per epoch
-            run.train.max_steps = run.train.epochs * math.ceil(len(self.stream) / run.train.grad_accum)
-        model = build_model(run)
-        if run.train.freeze_embeddings:
-            model.encoder.embed_tokens.weight.requires_grad_(False)
-        if run.train.activation_checkpointing:
-            from ofa_ds.training.activation_checkpoint import set_activation_checkpointing
-            n = set_activation_checkpointing(model, True)
-            if self.rank == 0:
-                print(f"activation checkpointing on {n} layers", file=sys.stderr, flush=True)
-        self.ds_cfg = E.build_ds_config(run.ds_config, run, self.world)
-        self.precision = E.resolve_precision(run.train.precision, self.ds_cfg)
-        run.train.precision = self.precision
+        t = self.run_cfg.train
+        if t.epochs > 0:                  # OFA's --max-epoch: steps from this rank's batches per epoch
+            steps = t.epochs * math.ceil(len(self.stream) / t.grad_accum)
+            self.run_cfg = dataclasses.replace(self.run_cfg,
+                                               train=dataclasses.replace(self.run_cfg.train, max_steps=steps))
         self.dtype = DTYPES[self.precision]
+        self.ds_cfg, engine_cfg = strategy.ds_configs(self, self.run_cfg)
+        self.zero = zero_stage(self.ds_cfg)
         self._write_run_files()
-        self.engine = E.initialize(model, run, self.ds_cfg)
-        self.zero = E.zero_stage(self.ds_cfg)
-        self.model_cfg = run.model
+        self.engine = initialize(module, self.run_cfg, engine_cfg)
+        strategy.attach(self)
         self._maybe_resume()
-        self.eval_sets = self._eval_sets(self.rank, self.world)
+        self.eval_sets = self._eval_sets(*strategy.eval_shard(self))
         self.peak = device_peak_tflops(self.precision)
 
     def _write_run_files(self) -> None:
@@ -136,10 +124,10 @@ class Trainer:
         self.skipped = 0
         if not self.resume:
             return
-        tag = E.find_resume_tag(self.ckpt_dir)
+        tag = find_resume_tag(self.ckpt_dir)
         if tag is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {self.ckpt_dir}")
-        client = E.load_checkpoint(self.engine, self.ckpt_dir, tag)
+        client = load_checkpoint(self.engine, self.ckpt_dir, tag)
         self.stream.load_state_dict(client["data"])
         self.step, self.skipped = int(client["step"]), int(client.get("skipped", 0))
         if self.rank == 0:
@@ -164,7 +152,6 @@ class Trainer:
 
     def _eval_sets(self, rank: int, world: int) -> dict[str, dict]:
         """Per task: shard `rank` of `world` of the held-out batches (kept in memory), candidates and baseline."""
-        import dataclasses
         from ofa_ds.data import DataStream
         run, ev = self.run_cfg, self.run_cfg.eval
         tasks = dict(ev.data)
@@ -180,7 +167,7 @@ class Trainer:
                 kw["ans2label_file"] = ev.vqa_answers or run.data.ans2label_file
             dc = dataclasses.replace(run.data, **kw)
             st = DataStream(dc, "valid", rank, world)
-            n = EV.num_eval_batches(ev.max_samples, ev.batch_size, world, len(st))
+            n = evaluate.num_eval_batches(ev.max_samples, ev.batch_size, world, len(st))
             batches = []
             for i, b in enumerate(st):
                 batches.append(b)
@@ -190,121 +177,53 @@ class Trainer:
             ref = ev.reference_stats.get(task, "")
             base = None
             if ref and self.rank == 0:
-                base = {"vqa": lambda p: EV.vqa_baselines(p, ev.vqa_answer_types), "snli_ve": None,
-                        "caption": EV.majority_caption, "refcoco": EV.mean_box}.get(task)
+                base = {"vqa": lambda p: evaluate.vqa_baselines(p, ev.vqa_answer_types), "snli_ve": None,
+                        "caption": evaluate.majority_caption, "refcoco": evaluate.mean_box}.get(task)
                 base = base(ref) if base else None
             sets[task] = {"batches": batches, "candidates": cands, "baseline": base}
         return sets
 
     # ---- one step --------------------------------------------------------------------------------------------------
-    def _loss(self, logits: torch.Tensor, b: dict) -> LossOut:
-        t = self.run_cfg.train
-        conf = b.get("conf")
-        if t.token_weighting == "sample":
-            conf = sample_weights(b["target"]) * (1.0 if conf is None else conf.to(torch.float32))
-        kw = dict(eps=t.label_smoothing, conf=conf, constraint_masks=b.get("constraint_masks"),
-                  constraint_rows=b.get("constraint_rows"), constraint_index=b.get("constraint_index"),
-                  constraint_range=t.range_tuple(), drop_worst_ratio=t.drop_worst_ratio,
-                  drop_worst_after=t.drop_worst_after, update_num=self.step + 1)
-        if t.loss == "encouraging":
-            return encouraging_loss(logits, b["target"], drop_best_ratio=t.drop_best_ratio,
-                                    drop_best_after=t.drop_best_after, log_end=t.log_end, **kw)
-        return label_smoothed_ce(logits, b["target"], **kw)
-
-    def _forward(self, batch: Any, n_parts: int) -> tuple[LossOut, list[torch.Tensor]]:
-        parts = list(batch) if isinstance(batch, tuple) else [batch]
-        spn = self.run_cfg.train.sample_patch_num or None
-        outs, logits_all = [], []
-        for j in range(n_parts):
-            b = parts[min(j, len(parts) - 1)]
-            ni = EV.net_input(b)
-            if ni["code_masks"] is None:
-                ni["code_masks"] = torch.zeros(b["src_tokens"].shape[0], dtype=torch.bool, device=self.device)
-            keep = b["target"].ne(1) if j < len(parts) else None       # packed logits of real targets
-            logits = self.engine(**ni, sample_patch_num=spn if (len(parts) == 2 and j == 0) else None, keep=keep)
-            logits_all.append(logits)
-            if j < len(parts):
-                outs.append(self._loss(logits, b))
-        out = pair_loss(*outs) if len(outs) == 2 else outs[0]
-        return out, logits_all
-
-    def _micro_sizes(self, batch: Any) -> tuple[float, int, int, int, float]:
-        """(sample size, parts, samples, target tokens, training FLOPs) of one micro-batch before the forward."""
-        parts = batch if isinstance(batch, tuple) else (batch,)
-        size = 1.0 if len(parts) == 2 else float(parts[0]["ntokens"])
-        samples = sum(p["nsentences"] for p in parts)
-        tokens = sum(p["ntokens"] for p in parts)
-        flops = 0.0
-        spn = self.run_cfg.train.sample_patch_num or None
-        for j, p in enumerate(parts):
-            img = p["patch_images"].shape[-1] if p.get("patch_images") is not None else None
-            f = train_flops_per_sample(self.model_cfg, img, p["src_tokens"].shape[1], p["target"].shape[1],
-                                       spn if (len(parts) == 2 and j == 0) else None)
-            flops += f * p["nsentences"]
-            groups = distinct_images(p["patch_images"]) if img and self.model_cfg.dedup_images else None
-            if groups is not None:                   # one ResNet pass per distinct image (model.dedup_images)
-                flops -= resnet_train_flops(self.model_cfg, img) * (p["nsentences"] - len(groups[0]))
-        return size, len(parts), samples, tokens, flops
-
     def train_step(self, micro: list[Any]) -> dict[str, float]:
-        gas, world = len(micro), self.world
-        info = [self._micro_sizes(b) for b in micro]
-        total_size, = _all_reduce([sum(i[0] for i in info)])
-        n_parts = [int(x) for x in _all_reduce([i[1] for i in info], dist.ReduceOp.MAX)]
-        loss_sum = nll_sum = 0.0
-        bad = 0
-        self._grad_norm = None
-        for k, (b, n) in enumerate(zip(micro, n_parts)):
-            b = EV.to_device(b, self.device, self.dtype)
-            out, logits = self._forward(b, n)
-            finite, = _all_reduce([float(torch.isfinite(out.loss).item())], dist.ReduceOp.MIN)
-            if finite:
-                loss = out.loss * (world * gas / max(total_size, 1e-9))
-                loss_sum += float(out.loss.detach())
-                nll_sum += float(out.nll)
-            else:
-                loss = out.loss.new_zeros(())
-                bad += 1
-            extra = logits[len(b) if isinstance(b, tuple) else 1:]
-            zero = sum((0.0 * x.float().sum() for x in (logits if not finite else extra)), out.loss.new_zeros(()))
-            self.engine.backward(loss + zero)
-            if k == gas - 1 and self.zero == 0:        # DeepSpeed reports no norm without ZeRO: measure it
-                gs = [p.grad.detach().float() for p in self.engine.module.parameters() if p.grad is not None]
-                self._grad_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs)))) if gs else 0.0
-            self.engine.step()
+        sizes = [micro_batch_sizes(self.model_cfg, self.run_cfg.train, b) for b in micro]
+        loss_sum, nll_sum, total_size, bad = self.strategy.train_step(self, micro, sizes)
         self.skipped += int(bad > 0)
         if self.run_cfg.train.record_ids:
-            ids = [int(i) for b in micro for p in (b if isinstance(b, tuple) else (b,)) for i in p["id"].tolist()]
+            ids = [int(i) for b in micro for p in parts_of(b) for i in p["id"].tolist()]
             with open(os.path.join(self.out, f"ids_rank{self.rank}.jsonl"), "a") as f:
                 f.write(json.dumps({"step": self.step + 1, "ids": ids}) + "\n")
-        loss_sum, nll_sum = _all_reduce([loss_sum, nll_sum])
         return {"loss": loss_sum / max(total_size, 1e-9), "nll_loss": nll_sum / max(total_size, 1e-9),
-                "samples": sum(i[2] for i in info), "tokens": sum(i[3] for i in info),
-                "flops": sum(i[4] for i in info)}
+                "samples": sum(s.samples for s in sizes), "tokens": sum(s.tokens for s in sizes),
+                "flops": sum(s.flops for s in sizes)}
 
     # ---- evaluation ------------------------------------------------------------------------------------------------
-    def _eval_task(self, model, task: str, s: dict, dtype) -> tuple[list[dict], float, float]:
-        """This rank's records, summed loss and sample size of one held-out set (`self.eval_sets[task]`)."""
-        return EV.evaluate_task(model, task, s["batches"], self.tok, device=self.device, dtype=dtype,
-                                max_len=self.run_cfg.eval.max_len, num_bins=self.run_cfg.data.num_bins,
-                                max_image_size=self.run_cfg.data.max_image_size, candidates=s["candidates"],
-                                eps=self.run_cfg.train.label_smoothing)
-
     def evaluate(self) -> dict[str, float]:
-        module = self.engine.module
-        module.eval()
+        """Held-out metrics on rank 0 ({} elsewhere). Collective."""
+        model, dtype, sharded = self.strategy.eval_model(self)
         results: dict[str, float] = {}
-        try:
-            for task, s in self.eval_sets.items():
-                recs, ls, ss = self._eval_task(module, task, s, self.dtype)
-                recs = EV.gather_records(recs)
-                ls, ss = _all_reduce([ls, ss])
-                if self.rank == 0 and ss > 0:
-                    results[f"{task}_loss"] = ls / ss
-                if self.rank == 0:
-                    results.update(EV.summarise(task, recs, s["baseline"], self.tok))
-        finally:
-            module.train()
+        if model is not None:
+            was_training = model.training
+            model.eval()
+            try:
+                for task, s in self.eval_sets.items():
+                    recs, ls, ss = evaluate.evaluate_task(
+                        model, task, s["batches"], self.tok, device=self.device, dtype=dtype,
+                        max_len=self.run_cfg.eval.max_len, num_bins=self.run_cfg.data.num_bins,
+                        max_image_size=self.run_cfg.data.max_image_size, candidates=s["candidates"],
+                        eps=self.run_cfg.train.label_smoothing)
+                    if sharded:
+                        recs = evaluate.gather_records(recs)
+                        ls, ss = all_reduce([ls, ss])
+                    else:
+                        recs = evaluate.unique_records(recs)
+                    if self.rank == 0:
+                        if ss > 0:
+                            results[f"{task}_loss"] = ls / ss
+                        results.update(evaluate.summarise(task, recs, s["baseline"], self.tok))
+            finally:
+                model.train(was_training)
+        if not sharded:
+            dist.barrier()
         return results
 
     # ---- loop ------------------------------------------------------------------------------------------------------
@@ -319,11 +238,11 @@ class Trainer:
 
     def _save(self) -> str:
         client = {"data": self.stream.state_dict(), "skipped": self.skipped, "config": self.run_cfg.to_dict()}
-        return E.save_checkpoint(self.engine, self.ckpt_dir, self.step, client, self.run_cfg.train.keep_checkpoints)
+        return save_checkpoint(self.engine, self.ckpt_dir, self.step, client, self.run_cfg.train.keep_checkpoints)
 
     def run(self) -> dict[str, Any]:
         t_start = time.time()
-        self._setup()
+        self.setup()
         t = self.run_cfg.train
         log = MetricsLogger(self.out, t.max_steps, self.rank, progress=t.progress, start_step=self.step)
         batches = self._batches()
@@ -344,72 +263,48 @@ class Trainer:
                 acc["time"] += dt
                 log.advance(1, loss=st["loss"])
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
-                    self._log(log, acc, st, lr, dt)
+                    self._log(log, acc, st, lr)
                     acc = {k: 0.0 if isinstance(v, float) else 0 for k, v in acc.items()}
                 if t.save_every and self.step % t.save_every == 0:
                     last_tag = self._save()
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
                     log.log_eval(self.step, self.evaluate())
-            if t.save_final and (last_tag is None or last_tag != E.tag_for(self.step)):
+            if t.save_final and (last_tag is None or last_tag != tag_for(self.step)):
                 last_tag = self._save()
-            self._finish_training(last_tag)
+            self.strategy.finish(self, last_tag)
             if self.eval_sets:
                 final_eval = self.evaluate()
                 log.log_eval(self.step, final_eval)
-            if t.export_final:
-                self._export(last_tag)
+            if t.export_final and last_tag is not None:
+                self.strategy.export(self, last_tag)
         finally:
             log.close()
-        report = {**final_eval, "steps": self.step, "train_loss_last": self._last_loss, **self._facts(),
+        report = {**final_eval, "steps": self.step, "train_loss_last": self.last_loss, **self._facts(),
                   "wall_s": round(time.time() - t_start, 1)}
         if self.rank == 0:
-            with open(os.path.join(self.out, "eval.json"), "w") as f:
+            with open(os.path.join(self.out, REPORT_FILE), "w") as f:
                 json.dump(report, f, indent=2, sort_keys=True)
         return report
 
-    _last_loss: float | None = None
-
     def _facts(self) -> dict[str, Any]:
-        """Run facts for the final report (eval.json and the last output line). Collective (peak memory per rank:
-        CUDA max allocated, or the process's max RSS on CPU, over the whole run including evaluation and export)."""
-        peaks = _all_reduce([peak_mem_gib() if r == self.rank else 0.0 for r in range(self.world)])
-        return {"world_size": self.world, "precision": self.precision, "zero_stage": E.zero_stage(self.ds_cfg),
-                "peak_mem_gib_ranks": [round(x, 3) for x in peaks]}
+        """Run facts for the final report. Collective (peak memory per rank: CUDA max allocated, or the process's max
+        RSS on CPU, over the whole run including evaluation and export)."""
+        peaks = all_reduce([peak_mem_gib() if r == self.rank else 0.0 for r in range(self.world)])
+        return {"world_size": self.world, "precision": self.precision, "zero_stage": zero_stage(self.ds_cfg),
+                "peak_mem_gib_ranks": [round(x, 3) for x in peaks], **self.strategy.facts(self)}
 
-    def _finish_training(self, last_tag: str | None) -> None:
-        """Called once after the last step and the final checkpoint, before the final evaluation and export."""
-
-    def _log(self, log: MetricsLogger, acc: dict, st: dict, lr: float, dt: float) -> None:
+    def _log(self, log: MetricsLogger, acc: dict, st: dict, lr: float) -> None:
         n, secs = max(acc["n"], 1), max(acc["time"], 1e-9)
-        samples, tokens, flops, bad_rows = (x / self.shard_copies for x in _all_reduce(
+        samples, tokens, flops, bad_rows = (x / self.strategy.shard_copies for x in all_reduce(
             [acc["samples"], acc["tokens"], acc["flops"], float(self.stream.counter.bad)]))
         tflops = flops / self.world / secs / 1e12
-        self._last_loss = acc["loss"] / n
+        self.last_loss = acc["loss"] / n
         log.log_step({
             "step": self.step, "loss": acc["loss"] / n, "lr": lr,
-            "grad_norm": self._grad_norm if self.zero == 0 else E.grad_norm(self.engine),
-            "loss_scale": E.loss_scale(self.engine), "samples_per_s": samples / secs, "tokens_per_s": tokens / secs,
+            "grad_norm": self.grad_norm if self.zero == 0 else grad_norm(self.engine),
+            "loss_scale": loss_scale(self.engine), "samples_per_s": samples / secs, "tokens_per_s": tokens / secs,
             "tflops_per_gpu": tflops, "mfu": (tflops / self.peak) if self.peak else None,
             "peak_mem_gib": peak_mem_gib(), "step_ms": 1000 * secs / n,
             "skipped_steps": self.skipped + int(getattr(self.engine, "skipped_steps", 0) or 0),
             "bad_rows": int(bad_rows), "nll_loss": st["nll_loss"], "epoch": self.stream.epoch})
 
-    def _export(self, tag: str | None) -> None:
-        """<out>/final/: consolidated fp32 state dict (consolidated_fp32.pt) + HF-style folder (from_pretrained)."""
-        if tag is None:
-            return
-        sd = E.consolidated_state_dict(self.engine, self.ckpt_dir, tag)
-        if self.rank == 0:
-            from ofa_ds.checkpoint import export_folder
-            final = os.path.join(self.out, "final")
-            os.makedirs(final, exist_ok=True)
-            model = OFAModel(self.model_cfg)
-            missing, unexpected = model.load_state_dict(sd, strict=False)
-            tied = {"decoder.embed_tokens.weight", "decoder.output_projection.weight", "encoder.embed_tokens.weight"}
-            real_missing = [k for k in missing if k not in tied and not k.endswith(("rp_bucket", "image_position_idx"))]
-            if real_missing or unexpected:
-                raise RuntimeError(f"consolidated state dict does not match the model: missing {real_missing[:5]}, "
-                                   f"unexpected {unexpected[:5]}")
-            torch.save(model.state_dict(), os.path.join(final, "consolidated_fp32.pt"))
-            export_folder(model, final)
-        dist.barrier()

@@ -41,7 +41,8 @@ def launch(args: list[str], synthetic: str, ranks: int = 0, script: str = "launc
 
 
 def last_json(p: subprocess.CompletedProcess) -> dict:
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    from ofa_ds.training.cli import last_json_line
+    return last_json_line(p.stdout)
 
 
 def step_losses(out: str) -> dict[int, float]:

@@ -1,5 +1,5 @@
 """The headline: `deepspeed launch/pretrain.py` with no arguments, from an empty directory, generates the synthetic
-data, trains OFA-Tiny, and its last line is the JSON report with learning visible against the trivial baselines.
+data, trains OFA-Tiny, and its last JSON line is the report with learning visible against the trivial baselines.
 Takes the full run (the budget, asserted: 10 minutes on two cores), hence slow."""
 import json
 import os
@@ -7,6 +7,8 @@ import subprocess
 import time
 
 import pytest
+
+from ofa_ds.training.cli import last_json_line
 
 from .conftest import ROOT, free_port
 
@@ -20,8 +22,10 @@ def test_default_run(tmp_path):
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     wall = time.time() - t0
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    report = json.loads(p.stdout.strip().splitlines()[-1])
+    report = last_json_line(p.stdout)
     assert os.path.isfile(tmp_path / "data" / "synthetic" / "manifest.json")
+    with open(tmp_path / "runs" / "default" / "report.json") as f:
+        assert json.load(f) == report                       # the printed report is the one written
     assert report["vqa_acc"] >= 0.6 and report["vqa_majority_baseline"] <= 0.25, report
     assert report["caption_cider"] > report["caption_constant_baseline_cider"], report
     assert report["refcoco_miou"] > report["refcoco_mean_box_baseline_miou"], report

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from ofa_ds.config import RunConfig, TrainConfig
-from ofa_ds.training.engine import ConfigMismatch, build_ds_config, polynomial_lambda, validate_ds_config
+from ofa_ds.training.ds_config import ConfigMismatch, build_ds_config, validate_ds_config
+from ofa_ds.training.engine import polynomial_lambda
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "ds_configs", "*.json")))
@@ -96,15 +97,15 @@ def test_cpu_engine_uses_fused_adamw():
     """Without a GPU and without offload the engine's optimizer is torch's AdamW in its fused CPU form (DeepSpeed's
     torch_adam path alone gives the per-tensor loop, 4-5x slower: benchmarks/bench_optimizer.py)."""
     import torch
-    from ofa_ds.training import engine as E
+    from ofa_ds.training import engine
     if torch.cuda.is_available():
         pytest.skip("CPU path only")
     import torch.distributed as dist
     started = not dist.is_initialized()
     saved = dict(os.environ)                     # init_distributed sets RANK/MASTER_PORT/...: later subprocesses
     try:                                         # of this session must not inherit them
-        E.init_distributed()
-        _fused_engine_step(E, torch)
+        engine.init_distributed()
+        _fused_engine_step(engine, torch)
     finally:
         if started and dist.is_initialized():
             dist.destroy_process_group()
@@ -112,14 +113,14 @@ def test_cpu_engine_uses_fused_adamw():
         os.environ.update(saved)
 
 
-def _fused_engine_step(E, torch):
+def _fused_engine_step(engine, torch):
     run = RunConfig(train=TrainConfig(lr=1e-3, max_steps=10, warmup_steps=0))
     run.data.batch_size = 2
     ds = build_ds_config(os.path.join(ROOT, "ds_configs", "cpu_fp32.json"), run, world_size=1)
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     ref = copy.deepcopy(model)
-    eng = E.initialize(model, run, ds)
+    eng = engine.initialize(model, run, ds)
     opt = eng.optimizer
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
     # one rank, no ZeRO: the identity all-reduce is skipped (it only flattened and copied every gradient)

@@ -162,11 +162,10 @@ def test_shape_mismatch_is_an_error():
 
 
 def test_packed_logits_equal_full():
-    """TrainingOFA's packed logits (real target rows only) give the loss of the full logits."""
-    from ofa_ds.config import ModelConfig
-    from ofa_ds.training.model import TrainingOFA
-    m = TrainingOFA(ModelConfig(d_model=64, ffn_dim=128, num_heads=2, encoder_layers=1, decoder_layers=1,
-                                resnet_layers=(1, 1, 1))).eval()
+    """OFAModel's packed logits (forward(keep=...): real target rows only) give the loss of the full logits."""
+    from ofa_ds.config import preset
+    from ofa_ds.model import OFAModel
+    m = OFAModel(preset("debug")).eval()
     src, prev = torch.randint(4, 100, (2, 7)), torch.randint(4, 100, (2, 5))
     tgt = prev.clone()
     tgt[0, 3:] = PAD

@@ -1,4 +1,4 @@
-"""`launch/pretrain.py` with a pipeline ds_config (ofa_ds/training/pipe_trainer.py) on two CPU ranks = 2 stages × 1
+"""`launch/pretrain.py` with a pipeline ds_config (ofa_ds/training/pipeline_strategy.py) on two CPU ranks = 2 stages × 1
 data-parallel replica: the same losses as the dense single-rank run on pretraining (v1, v2) pair batches, exact
 resume, the exported folder, and the refusal of ZeRO-2/3 with a pipeline block."""
 import json
@@ -10,13 +10,13 @@ import sys
 import pytest
 import torch
 
-from ofa_ds.training.engine import tag_for
-from ofa_ds.training.metrics import METRIC_NAMES
+from ofa_ds.training.checkpoints import tag_for
+from ofa_ds.training.metrics_log import METRIC_NAMES
 
 from .conftest import ROOT, SMALL, last_json, launch, step_ids, step_losses
 
 PIPE = "ds_configs/pipeline_2stage_fp32.json"            # ZeRO-1
-PIPE_Z0 = "ds_configs/pipeline_2stage_zero0_fp32.json"   # ZeRO-0: clipping done by PipeTrainer
+PIPE_Z0 = "ds_configs/pipeline_2stage_zero0_fp32.json"   # ZeRO-0: clipping done by the pipeline strategy
 
 
 def pair_sets(root: str) -> list[str]:
@@ -177,13 +177,14 @@ def test_zero2_or_3_with_pipeline_block_is_rejected(tmp_path, synthetic_root, st
     assert not os.path.exists(tmp_path / "run")
 
 
-def test_pipeline_block_selects_pipe_trainer():
+def test_pipeline_block_selects_pipeline_strategy():
+    import dataclasses
     from ofa_ds.recipes import get_recipe
-    from ofa_ds.training.pipe_trainer import PipeTrainer, can_pair
-    from ofa_ds.training.trainer import Trainer, trainer_for
+    from ofa_ds.training.dense import DenseStrategy
+    from ofa_ds.training.pipeline_strategy import PipelineStrategy, can_pair
+    from ofa_ds.training.trainer import strategy_for
     run = get_recipe("default")
-    assert type(trainer_for(run)) is Trainer
-    run.ds_config = PIPE
-    assert type(trainer_for(run)) is PipeTrainer
+    assert type(strategy_for(run)) is DenseStrategy
+    assert type(strategy_for(dataclasses.replace(run, ds_config=PIPE))) is PipelineStrategy
     assert not can_pair(run)                          # the default recipe has no v2 extras
     assert can_pair(get_recipe("pretrain_tiny"))

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from ofa_ds.training.engine import find_resume_tag, tag_for
-from ofa_ds.training.metrics import METRIC_NAMES
+from ofa_ds.training.checkpoints import find_resume_tag, tag_for
+from ofa_ds.training.metrics_log import METRIC_NAMES
 
 from .conftest import last_json, launch, step_ids, step_losses
 

@@ -1,6 +1,6 @@
 """Training metrics with fixed names, written three ways (console line, metrics.jsonl, TensorBoard) by rank 0.
 
-Names (DESIGN.md, identical in the console line, the JSONL records, TensorBoard tags and benchmark CSVs):
+Names (identical in the console line, the JSONL records, TensorBoard tags and benchmark CSVs):
   step, loss, lr, grad_norm, loss_scale, samples_per_s, tokens_per_s, tflops_per_gpu, mfu, peak_mem_gib, step_ms,
   skipped_steps, bad_rows   (plus nll_loss, epoch, and eval metrics as eval/<name> in TensorBoard).
 
