@@ -90,6 +90,7 @@ def test_caption_vqa_snli_imagenet_pretrain_roundtrip(tmp_path, images, tok):
     assert t.build(row, 0, np.random.default_rng(0)).target[-2:] == [4420, 2]
 
 
+@pytest.mark.distributed                                  # runs `python -m ofa_ds.data validate` as a subprocess
 def test_validate_reports_bad_lines(tmp_path, capsys, img64):
     path = write_tsv(tmp_path / "v.tsv", [
         ["1", "1", "ok?", "1.0|!+yes", "", img64],

@@ -93,7 +93,7 @@ def test_v2_extras_and_pairing(tok, pre_files):
     assert kinds == [True, False, True, False]  # extras on rows 0 and 8 only
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.distributed)])   # 2 loader processes
 def test_pretrain_resume_identical(tok, pre_files, workers):
     c = cfg(pre_files, batch_size=3, shuffle=True, num_workers=workers)
     ref = [b[0]["src_tokens"].tolist() if isinstance(b, tuple) else b["src_tokens"].tolist()

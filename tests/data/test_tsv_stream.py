@@ -65,7 +65,9 @@ def _ids(stream):
     return [int(i) for b in stream for i in b["id"]]
 
 
-@pytest.mark.parametrize("world,workers", [(1, 0), (1, 2), (2, 2), (3, 1), (4, 0)])
+@pytest.mark.parametrize("world,workers", [(1, 0), pytest.param(1, 2, marks=pytest.mark.distributed),
+                                           pytest.param(2, 2, marks=pytest.mark.distributed),
+                                           pytest.param(3, 1, marks=pytest.mark.distributed), (4, 0)])
 def test_sharding_every_sample_once(tmp_path, tok, world, workers):
     path = _gigaword(tmp_path, 23)
     seen = []
@@ -76,6 +78,7 @@ def test_sharding_every_sample_once(tmp_path, tok, world, workers):
     assert sorted(seen) == list(range(23))
 
 
+@pytest.mark.distributed                                  # DataLoader worker processes
 def test_workers_do_not_change_batches(tmp_path, tok):
     path = _gigaword(tmp_path, 17)
     outs = []
@@ -85,7 +88,7 @@ def test_workers_do_not_change_batches(tmp_path, tok):
     assert outs[0] == outs[1]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.distributed)])
 def test_resume_mid_epoch_continues_exactly(tmp_path, tok, workers):
     path = _gigaword(tmp_path, 20)
     cfg = DataConfig(task="gigaword", data=path, batch_size=3, num_workers=workers, seed=4, noise_ratio=0.5)

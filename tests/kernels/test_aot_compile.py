@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.distributed                      # each test runs aot_compile_check.py as a subprocess
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "aot_compile_check.py")
 
 

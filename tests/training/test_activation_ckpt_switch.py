@@ -1,7 +1,10 @@
 """train.activation_checkpointing: the same losses with layers recomputed in the backward pass."""
+import pytest
+
 from tests.training.conftest import launch, step_losses
 
 
+@pytest.mark.distributed
 def test_activation_checkpointing_switch_keeps_losses(tmp_path, synthetic_root):
     outs = {}
     for flag in ("false", "true"):

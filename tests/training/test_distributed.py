@@ -39,6 +39,7 @@ def test_zero3_consolidates_to_fp32_and_folder(tmp_path, synthetic_root):
     assert sd["encoder.embed_tokens.weight"].shape == (59457, 64)
 
 
+@pytest.mark.distributed
 def test_finetune_from_official_checkpoint(tmp_path, synthetic_root):
     """save_official of a small random model, then `launch/finetune.py --recipe vqa --init file.pt`."""
     from ofa_ds.checkpoint import save_official
