@@ -14,6 +14,7 @@ from .conftest import ROOT, free_port
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_default_run(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("OFA_DS_SYNTHETIC", None)

@@ -11,6 +11,7 @@ from ofa_ds.training.metrics_log import METRIC_NAMES
 
 from .conftest import last_json, launch, step_ids, step_losses
 
+pytestmark = pytest.mark.distributed                      # every test reads runs of launch/pretrain.py subprocesses
 COMMON = ["train.record_ids=true", "train.save_every=2", "train.export_final=false", "eval.max_samples=4"]
 
 
