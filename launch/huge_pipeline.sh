@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # OFA-Huge (929M parameters) pretrained for 2 optimizer steps through launch/pretrain.py on this machine's two CPU
-# ranks as a 2-stage pipeline: ds_configs/pipeline_2stage_zero0_fp32.json (ZeRO-0, fp32, AdamW; the "pipeline" block
-# selects the pipeline strategy), recipe pretrain_huge on the synthetic data at 64 px (16 patches), 1 row per step plus OFA's
-# v2 extras (step 1 is a (v1, v2) pair: 2 micro-batches per step), then the final DeepSpeed checkpoint, the export
+# ranks as a 2-stage pipeline: ds_configs/pipeline_2stage_zero0_fp32.json (ZeRO-0, fp32, AdamW; its "pipeline"
+# block selects the pipeline strategy), recipe pretrain_huge on the synthetic data at 64 px (16 patches), 1 row per
+# step plus OFA's v2 extras (step 1 is a (v1, v2) pair: 2 micro-batches per step), then the final DeepSpeed checkpoint, the export
 # to $OUT/final (safetensors folder + consolidated_fp32.pt, ~3.7 GB each) and a 1-sample-per-task held-out
-# evaluation on rank 0. The last output line is the JSON report: per-rank peak RSS (peak_mem_gib_ranks) and wall_s.
+# evaluation on rank 0. The last JSON line of the output is the report: per-rank peak RSS (peak_mem_gib_ranks) and wall_s.
 # Needs ~20 GiB free. Extra arguments go to launch/pretrain.py (e.g. --set train.activation_checkpointing=true).
 # The memory benchmark of the same layout (no data, no export): benchmarks/bench_memory.py run --preset huge
 # --strategy pipe2 (rows in benchmarks/results/memory.csv).

@@ -33,7 +33,8 @@ def test_accuracy_by_answer_type(tmp_path):
     import pytest
     types = tmp_path / "type2ans.json"
     types.write_text(json.dumps({"color": ["red", "blue"], "how many": ["2", "3"], "other": ["red", "2", "left"]}))
-    b = evaluate.vqa_baselines(_tsv(tmp_path, [("how many shapes?", "1.0|!+2"), ("what color?", "1.0|!+red")]), str(types))
+    rows = [("how many shapes?", "1.0|!+2"), ("what color?", "1.0|!+red")]
+    b = evaluate.vqa_baselines(_tsv(tmp_path, rows), str(types))
     assert b.answer_type == {"red": "color", "blue": "color", "2": "how many", "3": "how many"}
     recs = [{"pred_answer": "red", "ref": {"red": 1.0}, "question": "what color?"},
             {"pred_answer": "red", "ref": {"blue": 1.0, "red": 0.3}, "question": "what color?"},   # best ref: blue
