@@ -1,5 +1,5 @@
 """OFA's sequence generation on our model's KV cache: beam search, trie-constrained decoding, sampling, all-candidate
-scoring and RefCOCO box decoding (ofa-reference.md §8).
+scoring and RefCOCO box decoding, as OFA's evaluation does them (its settings are listed in docs/ofa.md).
 
 What is unusual, and what this file does about it:
   * Decoding starts from bos=0 (fairseq's default would be eos). Hypotheses exclude bos and end with eos; at step
@@ -15,10 +15,14 @@ What is unusual, and what this file does about it:
     min_len, prefix forcing (real log-prob kept) and n-gram blocking act on the log-probs.
   * Trie constraint with a forced prefix (VQA beam): after the row's own prefix length P, allowed tokens are the
     trie children of [bos] + tokens generated after the prefix (P varies per sample).
-  * All-candidate scoring (§8.3) never builds OFA's dense [rows, T, V] constraint masks: the decoder runs
+  * All-candidate scoring never builds OFA's dense [rows, T, V] constraint masks: the decoder runs
     features-only, only the answer positions are projected to the vocabulary, and the trie-restricted log-softmax is
     computed as logit − logsumexp(allowed logits). Scores are sums of log-probs (no length normalisation).
   * `bin_steps` (our option, off by default like OFA): the first N tokens may only be location bins, then eos.
+  * ZeRO-3 gathers parameters collectively at every module call, so every rank must make the same calls. With
+    `sync=True` generation keeps ranks in lockstep (a rank whose sentences are done makes dummy one-row decoder
+    calls until all are done); all-candidate scoring needs no flag: its calls depend only on the batch size and
+    the candidates, and it calls the output projection as a module (never reads its partitioned weight).
 """
 from __future__ import annotations
 
@@ -85,7 +89,7 @@ class GenerationConfig:
         return cls(**out)
 
 
-# Per-task settings of the official evaluation scripts (§8.2). "search" = beam | allcand | box.
+# Per-task settings of OFA's official evaluation scripts. "search" = beam | allcand | box.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "caption": {"search": "beam", "beam": 5, "max_len_a": 0, "max_len_b": 16, "min_len": 1,
                 "no_repeat_ngram_size": 3, "lenpen": 1.0},
@@ -468,19 +472,22 @@ def sample(model, batch: dict, cfg: GenerationConfig, trie: Optional[Trie] = Non
 
 
 # ---- all-candidate scoring -----------------------------------------------------------------------------------------
-def _row_logprobs(h: Tensor, W: Tensor, tgt: Sequence[int], allowed: Optional[Sequence[Sequence[int]]],
-                  max_floats: int = 32_000_000) -> Tensor:
-    """log p(tgt[i] | h[i]) with the softmax over allowed[i] (all of W's rows when allowed is None): [n] float32.
-    Narrow allowed sets are scored on gathered rows of W (never the full [n, V] logits)."""
-    n, V = h.shape[0], W.shape[0]
+def _row_logprobs(h: Tensor, proj: torch.nn.Module, W: Optional[Tensor], tgt: Sequence[int],
+                  allowed: Optional[Sequence[Sequence[int]]], max_floats: int = 32_000_000) -> Tensor:
+    """log p(tgt[i] | h[i]) with the softmax over allowed[i] (the whole vocabulary when allowed is None): [n] float32.
+    Full-vocabulary logits come from calling `proj` (the output projection module), in chunks of at most
+    `max_floats` logits. When `W` (proj's weight) is given, narrow allowed sets (<= 64 tokens) are scored on gathered
+    rows of W instead of the full [n, V] logits."""
+    n, V = h.shape[0], proj.out_features
     dev = h.device
     out = torch.empty(n, dtype=torch.float32, device=dev)
     tgt_t = torch.as_tensor(list(tgt), dtype=torch.long, device=dev)
-    wide = list(range(n)) if allowed is None else [i for i in range(n) if len(allowed[i]) > 64]
+    narrow = allowed is not None and W is not None
+    wide = [i for i in range(n) if len(allowed[i]) > 64] if narrow else list(range(n))
     step = max(1, max_floats // V)
     for s in range(0, len(wide), step):
         rows = torch.as_tensor(wide[s: s + step], dtype=torch.long, device=dev)
-        logits = F.linear(h[rows], W).float()                                       # [r, V]
+        logits = proj(h[rows]).float()                                              # [r, V]
         if allowed is None:
             lse = torch.logsumexp(logits, -1)
         else:
@@ -489,13 +496,11 @@ def _row_logprobs(h: Tensor, W: Tensor, tgt: Sequence[int], allowed: Optional[Se
                 keep[r, list(allowed[i])] = True
             lse = torch.logsumexp(logits.masked_fill(~keep, -math.inf), -1)
         out[rows] = logits.gather(1, tgt_t[rows, None]).squeeze(1) - lse
-    if allowed is not None:
+    if narrow:
         buckets: dict[int, list[int]] = {}
         for i, a in enumerate(allowed):
             if 0 < len(a) <= 64:
                 buckets.setdefault(1 << (len(a) - 1).bit_length(), []).append(i)
-            elif not a:
-                out[i] = -math.inf
         for w, rows_l in buckets.items():
             rows = torch.as_tensor(rows_l, dtype=torch.long, device=dev)
             idx = torch.zeros(len(rows_l), w, dtype=torch.long, device=dev)
@@ -507,6 +512,7 @@ def _row_logprobs(h: Tensor, W: Tensor, tgt: Sequence[int], allowed: Optional[Se
             lse = torch.logsumexp(logits.masked_fill(~valid, -math.inf), -1)
             t = (W[tgt_t[rows]] * h[rows]).sum(-1).float()
             out[rows] = t - lse
+    if allowed is not None:      # a target outside its allowed set (an empty set included) is impossible
         bad = [i for i in range(n) if tgt[i] not in allowed[i]]
         if bad:
             out[torch.as_tensor(bad, dtype=torch.long, device=dev)] = -math.inf
@@ -526,7 +532,7 @@ def _expand_cache(cache: dict, n: int) -> dict:
 @torch.no_grad()
 def score_candidates(model, enc, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]],
                      trie: Optional[Trie] = None, chunk_rows: int = 512, first_token_only: bool = False) -> Tensor:
-    """§8.3: score every candidate answer (token lists without eos) for every sample by teacher forcing.
+    """Score every candidate answer (token lists without eos) for every sample by teacher forcing.
 
     prompts[b] = sample b's decoder prompt starting with bos (VQA/SNLI-VE prev_output: bos + question; ImageNet:
     [bos]). Returns [B, N] float scores = sum over the answer tokens and eos of log p, with the log-softmax taken
@@ -540,7 +546,10 @@ def score_candidates(model, enc, prompts: Sequence[Sequence[int]], candidates: S
     from ofa_ds.model import EncoderOut
     B, N = len(prompts), len(candidates)
     dev = enc.hidden.device
-    W = model.decoder.output_projection.weight
+    proj = model.decoder.output_projection
+    # Under ZeRO-3 the weight is a partitioned placeholder (DeepSpeed marks it with `ds_id`) outside a call of its
+    # module: then every logit comes from calling the module, which gathers it on every rank alike.
+    W = None if hasattr(proj.weight, "ds_id") else proj.weight
     out = torch.empty(B, N, dtype=torch.float32, device=dev)
     cands = [list(map(int, c)) for c in candidates]
     if any(not c for c in cands):
@@ -563,7 +572,7 @@ def score_candidates(model, enc, prompts: Sequence[Sequence[int]], candidates: S
         cache: dict = {}
         h_last = model.decoder(torch.tensor([p], device=dev), enc_b, None, cache, features_only=True)[:, -1]
         _contiguous_cross(cache)
-        logits = F.linear(h_last, W).float()[0]                                   # one row: the full vocabulary
+        logits = proj(h_last).float()[0]                                          # one row: the full vocabulary
         if trie is None:
             lse = torch.logsumexp(logits, -1)
         else:
@@ -594,7 +603,7 @@ def score_candidates(model, enc, prompts: Sequence[Sequence[int]], candidates: S
                     if later_allowed is not None:
                         al.append(later_allowed[j][k])
             r_t = torch.tensor(ri, dtype=torch.long, device=dev)
-            lp = _row_logprobs(h[r_t, torch.tensor(ki, dtype=torch.long, device=dev)], W, tg,
+            lp = _row_logprobs(h[r_t, torch.tensor(ki, dtype=torch.long, device=dev)], proj, W, tg,
                                al if later_allowed is not None else None)
             sums = torch.zeros(c, dtype=torch.float32, device=dev).index_add_(0, r_t, lp)
             js_t = torch.tensor(js, dtype=torch.long, device=dev)
@@ -605,7 +614,7 @@ def score_candidates(model, enc, prompts: Sequence[Sequence[int]], candidates: S
 # ---- task-level helpers ---------------------------------------------------------------------------------------------
 def boxes_from_hypos(hypos: list[list[dict]], tok, w_ratios: Sequence[float], h_ratios: Sequence[float],
                      max_image_size: float = 512) -> list[list[float]]:
-    """§8.4: the first 4 tokens of each best hypothesis → (x0, y0, x1, y1) in original-image pixels. Like OFA,
+    """The first 4 tokens of each best hypothesis → (x0, y0, x1, y1) in original-image pixels. Like OFA,
     non-bin tokens are not rejected (junk boxes); fewer than 4 tokens give a zero box."""
     out = []
     for h, wr, hr in zip(hypos, w_ratios, h_ratios):
