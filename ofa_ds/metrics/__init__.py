@@ -1,4 +1,4 @@
-"""Evaluation metrics of OFA's tasks (§9): CIDEr-D / BLEU / ROUGE-L for captions (pycocoevalcap-exact on the same
+"""Evaluation metrics of OFA's tasks: CIDEr-D / BLEU / ROUGE-L for captions (pycocoevalcap-exact on the same
 tokens; a Java-free PTB-style tokenizer), VQA accuracy, grounding Acc@0.5, accuracy, Gigaword ROUGE."""
 from ofa_ds.metrics.caption import bleu, caption_scores, rouge_l
 from ofa_ds.metrics.cider import CiderD, document_frequency, load_df, save_df

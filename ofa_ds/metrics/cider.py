@@ -8,8 +8,8 @@ What is unusual (and reproduced on purpose, so scores equal pycocoevalcap's to 1
     reference code: it counts when the n-gram index is 1), not the number of words;
   * clipping: Σ min(v_hyp, v_ref) · v_ref over the hypothesis n-grams, divided by ‖v_hyp‖·‖v_ref‖ when both are
     non-zero; mean over n, mean over references, × 10.
-  * Corpus mode (df from the evaluated references, N_docs = number of images) is what COCO evaluation uses; a cached
-    df (OFA's `coco-train-words.p`, or our JSON) is what SCST uses, with N_docs = the cache's `ref_len`.
+  * Corpus mode (df from the evaluated references, N_docs = number of images) is what COCO evaluation uses; a
+    cached df (OFA's `coco-train-words.p`, or our JSON) is what SCST uses, with N_docs = the cache's `ref_len`.
 
 Cache formats read by `load_df`: our JSON {"ref_len": N, "df": {"w1 w2": count}} and OFA's pickle
 {"document_frequency": {ngram tuple: count}, "ref_len": N} (through a restricted unpickler: builtins only).

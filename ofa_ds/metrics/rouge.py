@@ -1,4 +1,4 @@
-"""Gigaword ROUGE-1/2/L F1 as OFA reports it (§9): hypothesis lower-cased and re-tokenised PTB-style, `<unk>` →
+"""Gigaword ROUGE-1/2/L F1 as OFA reports it: hypothesis lower-cased and re-tokenised PTB-style, `<unk>` →
 `unk`, every character `1` → `#`; reference = the lower-cased raw target; ROUGE F1 with the Porter stemmer.
 
 What is unusual:

@@ -1,4 +1,4 @@
-"""VQA accuracy, grounding accuracy (IoU ≥ 0.5) and plain accuracy, as OFA's evaluation computes them (§9).
+"""VQA accuracy, grounding accuracy (IoU ≥ 0.5) and plain accuracy, as OFA's evaluation computes them.
 
 What is unusual:
   * OFA's VQA score of a prediction is the confidence stored for that answer in the row's answers field (0 if

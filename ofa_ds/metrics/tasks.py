@@ -1,6 +1,7 @@
-"""Per-task evaluators: turn a collated batch into prediction records with OFA's decoding settings (§8.2), and a
-list of records (gathered from every rank) into the task's metrics (§9). `launch/evaluate.py` and evaluation during
-training both use these; the model is any object with OFAModel's encode/decode.
+"""Per-task evaluators: turn a collated batch into prediction records with OFA's decoding settings (the per-task
+settings of `ofa_ds.generation.TASK_DEFAULTS`), and a list of records (gathered from every rank) into the task's
+metrics. `launch/evaluate.py` and the held-out evaluation during training (`ofa_ds.training.evaluate`) both decode
+and score through these; the model is any object with OFAModel's encode/decode.
 
 What is unusual:
   * A record carries everything its metric needs (references, reference dict, ground-truth box), so metrics are
@@ -17,18 +18,16 @@ What is unusual:
 """
 from __future__ import annotations
 
-import string
 from typing import Any, Optional
 
 import torch
 
+from ofa_ds.data.text import strip_punct_words
 from ofa_ds.generation import (BOS, boxes_from_hypos, build_trie, generate, score_candidates,
                                strip_prefix, task_config)
 from ofa_ds.metrics.caption import caption_scores
 from ofa_ds.metrics.rouge import gigaword_hypothesis, rouge_scores
 from ofa_ds.metrics.simple import box_iou, grounding_hits, vqa_score
-
-_PUNCT = str.maketrans("", "", string.punctuation)
 
 
 def _ids(batch: dict) -> list[int]:
@@ -71,7 +70,7 @@ class CaptionEvaluator(Evaluator):
         out = []
         for i, sid in enumerate(_ids(batch)):
             text = self.tok.decode(hyps[i][0]["tokens"]) if hyps[i] else ""
-            cap = " ".join(text.translate(_PUNCT).split())
+            cap = strip_punct_words(text)
             out.append({"id": sid, "image_id": str(batch["uniq_id"][i]), "caption": cap,
                         "refs": list(batch["captions"][i])})
         return out
@@ -84,16 +83,17 @@ class CaptionEvaluator(Evaluator):
 
 
 class _AllCandidate(Evaluator):
-    """Shared by VQA / SNLI-VE / ImageNet: argmax over every candidate's summed log-prob (§8.3)."""
+    """Shared by VQA / SNLI-VE / ImageNet: argmax over every candidate's summed log-prob of answer + eos.
+    `constrained=False` (keyword): the log-softmax runs over the whole vocabulary instead of the candidate trie."""
 
     def __init__(self, tokenizer, answers: list[str], gen_overrides=None, mode: str = "allcand", **kw):
-        if kw.get("zero_shot"):                   # §8.5: free beam search (beam 20, unnormalised), no trie
+        if kw.get("zero_shot"):                   # pretrained checkpoint: free beam 20, unnormalised, no trie
             mode = "beam"
             self.defaults = "vqa_zero_shot"
         super().__init__(tokenizer, gen_overrides, **kw)
         self.answers = list(answers)
         self.cand_tokens = [tokenizer.encode(" " + a) for a in self.answers]
-        self.trie = build_trie(tokenizer, self.answers)
+        self.trie = build_trie(tokenizer, self.answers) if kw.get("constrained", True) else None
         self.mode = mode
         self.chunk_rows = int(kw.get("chunk_rows", 256))
 
@@ -156,7 +156,7 @@ class ImageNetEvaluator(SnliVeEvaluator):
 
 
 class GlueEvaluator(SnliVeEvaluator):
-    """GLUE (§8.2): one forward over the decoder prompt (prompt_type src: the whole source), argmax of the label
+    """GLUE: one forward over the decoder prompt (prompt_type src: the whole source), argmax of the label
     tokens' first-token log-probs at the last position; accuracy, plus MCC for CoLA."""
     name = "glue"
     first_token_only = True

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 import shutil
-from typing import Iterable
 
 PTB_REMOVED = {"''", "'", "``", "`", "-lrb-", "-rrb-", "-lcb-", "-rcb-", ".", "?", "!", ",", ":", "-", "--",
                "...", ";"}
@@ -80,7 +79,3 @@ def tokenize(captions: dict[object, list[str]], backend: str = "auto") -> tuple[
     if backend == "none":
         return {k: [" ".join(c.lower().split()) for c in v] for k, v in captions.items()}, "whitespace"
     raise ValueError(f"tokenizer backend must be auto, python, java or none, got {backend!r}")
-
-
-def tokens_of(texts: Iterable[str]) -> list[list[str]]:
-    return [ptb_tokenize_py(t) for t in texts]
