@@ -120,7 +120,7 @@ def parse_args(argv=None):
     p.add_argument("--vqa-mode", choices=["allcand", "beam"], default="allcand",
                    help="VQA / SNLI-VE / ImageNet: all-candidate scoring (paper numbers) or trie beam search")
     p.add_argument("--zero-shot", action="store_true",
-                   help="VQA with a pretrained checkpoint (§8.5): free beam 20, no trie, prompt_type none")
+                   help="VQA with a pretrained checkpoint: free beam 20, no trie, prompt_type none")
     p.add_argument("--restrict-bins", action="store_true", help="RefCOCO: the 4 box tokens must be location bins")
     p.add_argument("--ans2label", default="", help="candidate answers (.json or OFA's .pkl) for VQA / ImageNet")
     p.add_argument("--selected-cols", default=None)
@@ -147,6 +147,7 @@ def main(argv=None) -> int:
     from ofa_ds.data import DataConfig, DataStream
     from ofa_ds.metrics.tasks import GLUE, make_evaluator
     from ofa_ds.tokenizer import get_tokenizer
+    from ofa_ds.training.evaluate import to_device
 
     if args.device == "auto":
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
@@ -181,11 +182,7 @@ def main(argv=None) -> int:
                     continue
                 if len(keep) < len(batch["id"]):
                     batch = _subset(batch, keep)
-            for k, v in list(batch.items()):
-                if isinstance(v, torch.Tensor):
-                    v = v.to(device)
-                    batch[k] = v.to(dtype) if k == "patch_images" else v
-            records += ev.predict(model, batch)
+            records += ev.predict(model, to_device(batch, device, dtype))
             n_seen += int(batch["src_tokens"].shape[0])
     seconds = time.time() - t0
     all_records = ev.dedupe(gather(records, world))

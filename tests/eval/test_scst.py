@@ -1,5 +1,6 @@
-"""SCST (§7.2): text processing, leave-one-out baseline, CIDEr-D rewards with a df cache, and the loss: its value is
--Σ log p · advantage, and one small SGD step raises the advantage-weighted log-likelihood of the samples."""
+"""SCST (self-critical sequence training): text processing, leave-one-out baseline, CIDEr-D rewards with a df cache,
+and the loss: its value is -Σ log p · advantage, and one small SGD step raises the advantage-weighted log-likelihood
+of the samples."""
 import torch
 import torch.nn.functional as F
 

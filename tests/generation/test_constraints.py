@@ -1,5 +1,5 @@
 """Trie-constrained decoding (never leaves the trie, with and without a forced prefix), constraint range and bin
-restriction, and all-candidate scoring against OFA's dense-mask formulation (§8.3)."""
+restriction, and all-candidate scoring against OFA's dense-mask formulation."""
 import math
 
 import torch
