@@ -1,5 +1,6 @@
-"""Inference throughput: captions/s (beam search with the caption settings of §8.2 on the KV cache) and
-all-candidate VQA samples/s (§8.3), for one preset and batch size, with random weights and random images.
+"""Inference throughput: captions/s (beam search on the KV cache with OFA's caption settings,
+docs/ofa.md#generation-settings) and all-candidate VQA samples/s (docs/ofa.md#all-candidate-scoring), for one
+preset and batch size, with random weights and random images.
 
     python benchmarks/bench_generate.py --preset base --batch 16 --image-size 480 --threads 2
     python benchmarks/bench_generate.py --preset tiny --batch 1 --vqa-candidates 3129

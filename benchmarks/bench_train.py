@@ -9,7 +9,8 @@ step time.
 per-rank batch, same threads per process), then the same steps through DeepSpeed with each config of
 --compare-configs on all ranks. Each DeepSpeed row carries `ratio_vs_plain` = its per-rank step time / the plain
 step time, i.e. the overhead of that ZeRO stage (communication, partitioning, optimizer wrapping) for an identical
-per-rank workload. Timings on a shared CPU are noisy: compare rows of one run only (DESIGN.md).
+per-rank workload. Timings on a shared CPU are noisy: compare rows of one run only
+(docs/benchmarks.md#reading-the-numbers).
 """
 from __future__ import annotations
 

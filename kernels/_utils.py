@@ -32,7 +32,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"          # ignored for fp16/bf16 operands
 
 
-# [2026-11-27] Triton 3.9's interpreter converts fp32 -> bf16 by truncation (GPUs round to nearest even), which makes
+# Triton 3.9's interpreter converts fp32 -> bf16 by truncation (GPUs round to nearest even), which makes
 # bf16 results under TRITON_INTERPRET=1 up to one ulp off torch's. `to_dtype` rounds to nearest even by hand there.
 _EMULATE_BF16_ROUNDING = tl.constexpr(interpreting())
 

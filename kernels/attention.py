@@ -22,14 +22,15 @@ Supports
 Does not support
   * dropout on the attention probabilities (`ofa_ds.kernels.attention` falls back to the reference when
     dropout_p > 0); head dims above 128; variable-length packed batches;
-  * computing OFA's bias inside the kernel from the relative-position tables (the stretch goal of issue 5): the
-    bias is still read from a materialised tensor;
+  * computing OFA's bias inside the kernel from the relative-position tables (not done yet, see
+    docs/kernels.md#not-done-computing-the-bias-inside-the-kernel): the bias is still read from a materialised
+    tensor;
   * when the bias is broadcast (e.g. over the batch), its gradient is first written per batch element in fp32
     ([B, H, Lq, Lk], as large as a materialised bias) and then summed by torch.
 
 Known caveats
-  * [2026-11-27] Only the CPU interpreter (TRITON_INTERPRET=1) has run these kernels; they compile for sm_80 and
-    sm_90 within shared memory (tests/kernels/aot_compile_check.py) but have not run on a GPU. Tile sizes on GPUs
+  * Only the CPU interpreter (TRITON_INTERPRET=1) has run these kernels; they compile for sm_80 and sm_90 within
+    shared memory (tests/kernels/aot_compile_check.py) but have not run on a GPU yet. Tile sizes on GPUs
     come from an autotuner over three configs per kernel (OFA_DS_KERNEL_AUTOTUNE=0: fixed tiles). See
     docs/kernels.md for the open GPU targets.
   * Under the interpreter, bf16 tiles are multiplied in fp32 and rounded by hand (kernels/_utils.py): Triton

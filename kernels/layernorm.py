@@ -13,8 +13,8 @@ Supports
     registers and writes them to its own row of a [programs, N] buffer, which torch then sums. No atomics, no locks.
 
 Known caveats
-  * [2026-11-27] Only the CPU interpreter has run these kernels; they compile for sm_80/sm_90
-    (tests/kernels/aot_compile_check.py) but have not run on a GPU. Launch settings (one row per forward program,
+  * Only the CPU interpreter has run these kernels; they compile for sm_80/sm_90
+    (tests/kernels/aot_compile_check.py) but have not run on a GPU yet. Launch settings (one row per forward program,
     warps = BLOCK_N / 256, 4 backward programs per SM) follow the Triton tutorial and are not tuned on hardware.
 
 Does not support

@@ -68,7 +68,7 @@ class ModelConfig:
     normformer_init: float = 1.0
     """Initial weight of the NormFormer LayerNorms (attn_ln, self_attn_ln, cross_attn_ln, ffn_layernorm) in a
     fresh model; OFA: 1. Smaller values start each attention/FFN branch small next to the residual stream (the
-    default CPU run uses 0.1, README "The default run"). Loaded weights replace it."""
+    default CPU run uses 0.1, docs/experiments.md#conclusions). Loaded weights replace it."""
     entangle_position_embedding: bool = False
     """OFA's --entangle-position-embedding (off in every released config): the encoder also *adds* the raw
     position embeddings to its token and image-patch embeddings (before their LayerNorms), besides the attention
@@ -76,7 +76,7 @@ class ModelConfig:
     resnet_zero_init_residual: bool = False
     """Start the last BatchNorm of every ResNet bottleneck (bn3) at weight 0, so each block begins as its shortcut
     (Goyal et al. 2017; torchvision's zero_init_residual). OFA: off (its ResNet starts from ImageNet weights), and
-    off in every recipe; README "The default run" (ninth diagnosis) has what it changes. Loaded weights replace it."""
+    off in every recipe; docs/experiments.md#conclusions has what it changes. Loaded weights replace it."""
     dedup_images: bool = True
     """Run the ResNet once per *distinct* image of a batch and share its features (OFA's pretraining gives every
     image-text row two samples with the same image, so this halves the ResNet work there). Outputs are unchanged in

@@ -1,4 +1,5 @@
-"""OFA's training criterions (ofa-reference.md §7.1 and §7.3), as plain functions over logits.
+"""OFA's training criterions (docs/ofa.md#label-smoothed-cross-entropy and docs/ofa.md#encouraging-loss), as plain
+functions over logits.
 
 What is unusual (and easy to get wrong):
   * Smoothing weight is ε/(K−1) per non-target allowed token and the target keeps 1−ε, where K is the size of the
@@ -99,7 +100,7 @@ def _log_probs(logits: Tensor, target: Tensor, conf: Tensor | None, mask: Tensor
 
 def _token_losses(lp: Tensor, target: Tensor, allowed: Tensor | None, denom: float | Tensor,
                   eps: float) -> tuple[Tensor, Tensor]:
-    """Per-token smoothed loss and nll (§7.1 step 6)."""
+    """Per-token smoothed loss and nll (docs/ofa.md#label-smoothed-cross-entropy)."""
     nll = -lp.gather(-1, target[:, None]).squeeze(-1)
     if allowed is None:
         smooth = -lp.sum(-1)
@@ -120,8 +121,9 @@ def label_smoothed_ce(logits: Tensor, target: Tensor, *, eps: float = 0.0, conf:
                       constraint_index: Tensor | None = None, constraint_range: tuple[int, int] | None = None,
                       drop_worst_ratio: float = 0.0, drop_worst_after: int = 0, update_num: int = 0,
                       ignore_index: int = PAD) -> LossOut:
-    """OFA's `adjust_label_smoothed_cross_entropy` (§7.1): logits [B,T,V], target [B,T] (pad = ignored),
-    conf [B] per-sample weight, constraint_masks Bool[B,T,V] (True = allowed) or the compact pair."""
+    """OFA's `adjust_label_smoothed_cross_entropy` (docs/ofa.md#label-smoothed-cross-entropy): logits [B,T,V],
+    target [B,T] (pad = ignored), conf [B] per-sample weight, constraint_masks Bool[B,T,V] (True = allowed) or the
+    compact pair."""
     out, _ = _ce_core(logits, target, eps, conf, constraint_masks, constraint_rows, constraint_index,
                       constraint_range, drop_worst_ratio, drop_worst_after, update_num, ignore_index)
     return out
@@ -141,7 +143,8 @@ def _ce_core(logits, target, eps, conf, constraint_masks, constraint_rows, const
 
 
 def _bonus(p: Tensor, log_end: float) -> Tensor:
-    """§7.3: ln(max(1−p, 1e-5)), continued linearly above log_end (when log_end ≠ 1)."""
+    """Encouraging bonus (docs/ofa.md#encouraging-loss): ln(max(1−p, 1e-5)), continued linearly above log_end
+    (when log_end ≠ 1)."""
     b = torch.log(torch.clamp(1.0 - p, min=1e-5))
     if log_end != 1.0:
         lin = (p - log_end) / (log_end - 1.0) + math.log(1.0 - log_end)
@@ -155,8 +158,8 @@ def encouraging_loss(logits: Tensor, target: Tensor, *, eps: float = 0.0, conf: 
                      drop_worst_ratio: float = 0.0, drop_worst_after: int = 0, drop_best_ratio: float = 0.0,
                      drop_best_after: int = 0, update_num: int = 0, log_end: float = 0.75,
                      ignore_index: int = PAD) -> LossOut:
-    """OFA's `adjust_label_smoothed_encouraging_loss` (§7.3): the §7.1 loss plus
-    c_loss = (1−ε)·Σ bonus(p_y) + (ε/V)·Σ_t Σ_v bonus(p_v) over the kept tokens."""
+    """OFA's `adjust_label_smoothed_encouraging_loss` (docs/ofa.md#encouraging-loss): the label-smoothed CE above
+    plus c_loss = (1−ε)·Σ bonus(p_y) + (ε/V)·Σ_t Σ_v bonus(p_v) over the kept tokens."""
     out, (loss, lp, tg) = _ce_core(logits, target, eps, conf, constraint_masks, constraint_rows, constraint_index,
                                    constraint_range, drop_worst_ratio, drop_worst_after, update_num, ignore_index)
     if drop_best_ratio > 0 and update_num > drop_best_after and loss.numel():
@@ -172,7 +175,7 @@ def encouraging_loss(logits: Tensor, target: Tensor, *, eps: float = 0.0, conf: 
 
 
 def pair_loss(v1: LossOut, v2: LossOut) -> LossOut:
-    """Pretraining (v1, v2) batch (§7.1 item 9): loss_v1/n_v1 + loss_v2/n_v2 with sample size 1."""
+    """Pretraining (v1, v2) batch (docs/ofa.md#pretraining-pair-loss): loss_v1/n_v1 + loss_v2/n_v2, sample size 1."""
     l1 = v1.loss / max(v1.ntokens, 1)
     l2 = v2.loss / max(v2.ntokens, 1)
     nll = v1.nll / max(v1.ntokens, 1) + v2.nll / max(v2.ntokens, 1)

@@ -1,4 +1,5 @@
-"""Named experiments: plain functions returning a RunConfig (`RECIPES[name]()`), with OFA's hyperparameters (§10).
+"""Named experiments: plain functions returning a RunConfig (`RECIPES[name]()`), with OFA's hyperparameters
+(docs/ofa.md#hyperparameters).
 
 * `default` is the zero-setup run of `deepspeed launch/pretrain.py`: OFA-Tiny (full architecture) pretrained on the
   built-in synthetic multitask mixture at 64 px images, sized to finish in under 10 minutes on two CPU cores and
@@ -7,11 +8,11 @@
 * `pretrain_{tiny,medium,base,large,huge}` follow OFA's pretraining script (lr 1e-4, 4 rows per GPU, warmup 1%,
   no label smoothing, drop path 0.1, dropout 0.1, clip 5.0, 384 px, 196 sampled patches, max_src 80, max_tgt 30).
   Their data default to the synthetic files; point `data.data` / `data.text_data` / ... at real TSVs.
-* Finetuning recipes use the Large scripts' values (§10.1), `*_base` variants the Base scripts' where they differ
-  (§10.2). Epoch-based scripts set `train.epochs` (steps derived from the data size, as OFA's --max-epoch).
-  Recipes for tasks with synthetic files (caption, vqa, refcoco*, snli_ve) point there by default; imagenet,
-  gigaword and GLUE need `--set data.data=train.tsv,valid.tsv`.
-Not reproduced: VQA's EMA weights (0.9999) and SCST (caption stage 2) — see docs/training.md.
+* Finetuning recipes use the Large scripts' values, `*_base` variants the Base scripts' where they differ (both in
+  docs/ofa.md#hyperparameters). Epoch-based scripts set `train.epochs` (steps derived from the data size, as OFA's
+  --max-epoch). Recipes for tasks with synthetic files (caption, vqa, refcoco*, snli_ve) point there by default;
+  imagenet, gigaword and GLUE need `--set data.data=train.tsv,valid.tsv`.
+Not reproduced: VQA's EMA weights (0.9999) and SCST (caption stage 2) — see docs/training.md#recipes.
 """
 from __future__ import annotations
 
@@ -54,13 +55,13 @@ def default() -> RunConfig:
     and, through OFA's pair loss, take half of every gradient; pretrain_* recipes keep them. Augmentation is off:
     RandomAugment's Equalize/AutoContrast/Brightness change the colours the questions ask about, and without it the
     training crops equal the evaluation images. lr 5e-4 with a 100-step warmup: with lr 1e-3 and a short warmup the
-    model learns to ignore the image in its first steps (measured; README "The default run"). The NormFormer
+    model learns to ignore the image in its first steps (measured; docs/experiments.md#conclusions). The NormFormer
     LayerNorm weights start at 0.1 instead of 1 (`model.normformer_init`; weights only, the architecture is OFA's):
     with 1 each attention/FFN branch adds a full-size, mostly image-independent vector to every token from step 0
-    and the image signal is learned far more slowly (measured; README). The ResNet starts each bottleneck as its
-    shortcut (`model.resnet_zero_init_residual`, Goyal et al. 2017; OFA loads ImageNet weights instead), which keeps
-    colour in the image features, and Adam's beta2 is 0.98; the data folder, when missing, is generated as the
-    one-object world `synthetic.DEFAULT_RUN_WORLD` (eleventh diagnosis in README: with 1-4 objects per scene the
+    and the image signal is learned far more slowly (measured; docs/experiments.md). The ResNet starts each bottleneck
+    as its shortcut (`model.resnet_zero_init_residual`, Goyal et al. 2017; OFA loads ImageNet weights instead), which
+    keeps colour in the image features, and Adam's beta2 is 0.98; the data folder, when missing, is generated as the
+    one-object world `synthetic.DEFAULT_RUN_WORLD` (docs/experiments.md#conclusions: with 1-4 objects per scene the
     model does not learn colour or shape within the budget, held-out VQA 0.49-0.57)."""
     size = 64
     data = _synthetic_data("pretrain", patch_image_size=size, v2_image_size=size, batch_size=8, image_data="",

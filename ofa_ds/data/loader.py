@@ -9,8 +9,8 @@ Unusual points:
   runs produce bit-identical batches.
 * Pretraining extras hang off every 8th row of each rank's own sequence (so all ranks see them at the same
   steps, as OFA's per-process counter does), with a slot number that is unique over ranks and epochs.
-* Files per epoch (§6.1): finetuning tasks train on path (e-1) mod (n-1) and validate on the last path; pretraining
-  cycles all paths. A missing or empty file fails at construction, not mid-run.
+* Files per epoch (docs/ofa.md#sample-layout): finetuning tasks train on path (e-1) mod (n-1) and validate on the last
+  path; pretraining cycles all paths. A missing or empty file fails at construction, not mid-run.
 * A bad row is skipped; its batch is smaller. An all-bad batch is yielded as {"skip": True, ...} so the batch
   count stays aligned, and DataStream drops it. DataStream counts bad rows over all workers and raises past
   `bad_row_threshold`.

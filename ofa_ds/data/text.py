@@ -1,5 +1,5 @@
-"""Text helpers shared by the task builders: OFA's normalisers (§2.4), the answer trie, candidate-file loading,
-and BART whole-word span masking (text infilling, §6.9).
+"""Text helpers shared by the task builders: OFA's normalisers (docs/ofa.md#text-normalisation), the answer trie,
+candidate-file loading, and BART whole-word span masking (text infilling, docs/ofa.md#pretraining-data).
 
 `span_mask` follows fairseq's DenoisingDataset.add_whole_word_mask with replace_length=1 and random_ratio=0:
 Poisson(λ) span lengths (table truncated at k<128 or p<1e-7), spans cut to the budget ceil(ratio * word starts),
@@ -88,7 +88,7 @@ def load_candidates(path: str) -> dict[str, int]:
 
 
 def build_trie(tok, answers: Iterable[str]) -> Trie:
-    """Trie over [bos] + enc(' ' + answer) + [eos] (§6.4)."""
+    """Trie over [bos] + enc(' ' + answer) + [eos] (docs/ofa.md#vqa)."""
     trie = Trie()
     for a in answers:
         trie.insert([tok.bos] + tok.encode(" " + a) + [tok.eos])

@@ -4,12 +4,12 @@ Every encoder and decoder layer's activations are dropped after the forward pass
 the activation memory of a layer stack shrinks to one layer's worth plus the layer inputs.
 
 * Dense / ZeRO-0…3: `set_activation_checkpointing(model, True)` wraps the `forward` of every EncoderLayer and
-  DecoderLayer *instance* with `torch.utils.checkpoint.checkpoint(use_reentrant=False)`; parameter names and the
-  model class are unchanged, `False` restores the plain forward. The non-reentrant variant is used because it
-  works with inputs that do not require grad, keyword arguments and ZeRO-3 (whose per-module hooks simply gather
-  the parameters again during recomputation; user-needs.md §2.10 reports DeepSpeed's own reentrant checkpointing
-  failing with ZeRO-3 where torch's worked). Calls in eval mode, under no_grad, or with an incremental-decoding
-  cache (generation) run the plain forward.
+  DecoderLayer *instance* with `torch.utils.checkpoint.checkpoint(use_reentrant=False)`; parameter names and the model
+  class are unchanged, `False` restores the plain forward. The non-reentrant variant is used because it works with
+  inputs that do not require grad, keyword arguments and ZeRO-3 (whose per-module hooks simply gather the parameters
+  again during recomputation; DeepSpeed's own reentrant checkpointing has been reported to fail with ZeRO-3 where
+  torch's worked, see docs/scale.md#activation-checkpointing). Calls in eval mode, under no_grad, or with an
+  incremental-decoding cache (generation) run the plain forward.
 * Pipeline: `pipeline_checkpoint_kwargs(True)` gives the PipelineModule arguments that checkpoint each
   EncoderLayerPipe/DecoderLayerPipe (interval 1, the embedding/norm/head layers are never checkpointed).
 

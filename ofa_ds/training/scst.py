@@ -1,4 +1,5 @@
-"""SCST (self-critical sequence training, caption stage 2) as OFA's `scst_reward_criterion` does it (§7.2).
+"""SCST (self-critical sequence training, caption stage 2) as OFA's `scst_reward_criterion` does it
+(docs/ofa.md#scst).
 
 One call of `scst_loss(model, batch, tokenizer, reward)`:
   1. generates with the `--scst-args` beam search (beam 5, max_len_b 16, no_repeat_ngram 3) in eval mode, under
@@ -16,8 +17,8 @@ One call of `scst_loss(model, batch, tokenizer, reward)`:
      token count (`sample_size`), so the caller normalises per token over the global batch like its other losses.
      No label smoothing, no entropy term.
 
-Recipe (OFA's caption stage 2, §10): start from the stage-1 checkpoint, lr 1e-5 → 2e-7 (Base: → 0), warmup 6 %,
-3 epochs, 2 images × 4 update_freq × 8 GPUs, dropout 0 and drop path 0, clip 1.0, 480 px, frozen token
+Recipe (OFA's caption stage 2, docs/ofa.md#scst): start from the stage-1 checkpoint, lr 1e-5 → 2e-7 (Base: → 0),
+warmup 6 %, 3 epochs, 2 images × 4 update_freq × 8 GPUs, dropout 0 and drop path 0, clip 1.0, 480 px, frozen token
 embeddings, data columns 1,4,2 with '&&'-joined references (the caption task's valid layout).
 """
 from __future__ import annotations

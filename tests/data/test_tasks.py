@@ -1,4 +1,4 @@
-"""Every task builder against hand-made rows in the official formats (ofa-reference.md §6, Appendix C)."""
+"""Every task builder against hand-made rows in the official formats (docs/ofa.md#task-formats)."""
 import json
 
 import numpy as np

@@ -1,4 +1,5 @@
-"""OFATokenizer: reference test vectors (OFA reference §2.3), vocabulary layout, literal special tokens, boxes, CN."""
+"""OFATokenizer: reference test vectors (docs/ofa.md#tokenization), vocabulary layout, literal special tokens,
+boxes, CN."""
 import json
 import os
 import random

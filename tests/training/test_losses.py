@@ -1,4 +1,5 @@
-"""Loss functions against a direct per-token computation written from ofa-reference.md §7.1 / §7.3."""
+"""Loss functions against a direct per-token computation written from OFA's definitions
+(docs/ofa.md#label-smoothed-cross-entropy, docs/ofa.md#encouraging-loss)."""
 import math
 
 import pytest

@@ -65,7 +65,7 @@ class Task:
         return [self.bos] + ids + [self.eos]
 
     def std_sample(self, sid: int, prompt_ids: list[int], ans_ids: list[int], **kw: Any) -> Sample:
-        """§6.1 standard layout: src = bos+prompt+eos, target = ans+eos, prev = bos+ans."""
+        """OFA's standard layout (docs/ofa.md#sample-layout): src = bos+prompt+eos, target = ans+eos, prev = bos+ans."""
         return Sample(id=sid, source=self.wrap(prompt_ids), target=ans_ids + [self.eos], prev=[self.bos] + ans_ids,
                       **kw)
 

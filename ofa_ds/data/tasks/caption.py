@@ -1,6 +1,6 @@
-"""Image captioning (§6.3). Columns: uniq-id, image-id, caption, object labels, image; train selects 0,4,2 and
-eval 1,4,2. Train targets are punctuation-stripped and cut to max_tgt_length words (the caption recipe uses 20);
-eval targets are the '&&'-joined stripped references, also returned as `captions` (list of lists) for CIDEr."""
+"""Image captioning (docs/ofa.md#captioning). Columns: uniq-id, image-id, caption, object labels, image; train selects
+0,4,2 and eval 1,4,2. Train targets are punctuation-stripped and cut to max_tgt_length words (the caption recipe uses
+20); eval targets are the '&&'-joined stripped references, also returned as `captions` (list of lists) for CIDEr."""
 from __future__ import annotations
 
 from ..text import strip_punct_words

@@ -1,6 +1,6 @@
-"""Gigaword summarisation (§6.8). Columns: article, summary (0,1). No image. The target has no leading space;
-with noise_ratio > 0 (OFA: 0.2) each prev_output token after bos is replaced with that probability by a uniform
-random text id in [4, 50265). `target_str` (lower-cased raw summary) is kept for ROUGE."""
+"""Gigaword summarisation (docs/ofa.md#gigaword-and-glue). Columns: article, summary (0,1). No image. The target has no
+leading space; with noise_ratio > 0 (OFA: 0.2) each prev_output token after bos is replaced with that probability by a
+uniform random text id in [4, 50265). `target_str` (lower-cased raw summary) is kept for ROUGE."""
 from __future__ import annotations
 
 from ..collate import Sample

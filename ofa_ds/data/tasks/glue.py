@@ -1,4 +1,4 @@
-"""The seven GLUE tasks (§6.8): cola, sst2, mrpc, qqp, mnli, rte, qnli. No image.
+"""The seven GLUE tasks (docs/ofa.md#gigaword-and-glue): cola, sst2, mrpc, qqp, mnli, rte, qnli. No image.
 
 Layout (OFA's GLUE datasets, recipes use prompt_type 'src'): src = bos + prompt + eos; prev = src ('src'),
 src[:-1] ('prev_output') or [bos] ('none'); the target is prev shifted left plus the single label token, with every

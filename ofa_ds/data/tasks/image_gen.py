@@ -1,6 +1,6 @@
-"""Text-to-image code generation (§6.8). Columns: uniq-id, image codes (space-separated ints), caption; selected
-0,2,1. Target = codes + 50265 then eos, prev = bos + codes, code_masks True. No encoder image: the batch carries a
-zero image with patch_masks False (kept so every rank runs the same modules)."""
+"""Text-to-image code generation (docs/ofa.md#text-to-image-data). Columns: uniq-id, image codes (space-separated ints),
+caption; selected 0,2,1. Target = codes + 50265 then eos, prev = bos + codes, code_masks True. No encoder image: the
+batch carries a zero image with patch_masks False (kept so every rank runs the same modules)."""
 from __future__ import annotations
 
 from ..text import pre_caption

@@ -1,6 +1,6 @@
-"""ImageNet-1K classification as generation (§6.7). Columns: image (often URL-safe base64), 1-based label, synset
-words; selected 0,2. Candidates (class name -> label) come from `ans2label_file` (OFA's class2label_new.pkl or a
-JSON dict); with them every target position gets trie rows (prev = bos + class tokens).
+"""ImageNet-1K classification as generation (docs/ofa.md#imagenet). Columns: image (often URL-safe base64), 1-based
+label, synset words; selected 0,2. Candidates (class name -> label) come from `ans2label_file` (OFA's
+class2label_new.pkl or a JSON dict); with them every target position gets trie rows (prev = bos + class tokens).
 
 Train transform: RandomResizedCrop(S, bicubic) + horizontal flip -> RandAugment -> BLIP RandomAugment(2, 7) ->
 normalise -> RandomErasing(0.25). Deviation: timm's 'rand-m9-mstd0.5-inc1' RandAugment is approximated by a

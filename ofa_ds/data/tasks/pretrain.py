@@ -1,5 +1,5 @@
-"""OFA pretraining (§6.9): the vision-language file (caption / qa / visual_grounding rows, each giving two
-examples incl. ITM-style yes/no with negatives from negative_sample/) plus the "v2" extras (2 text-infilling,
+"""OFA pretraining (docs/ofa.md#pretraining-data): the vision-language file (caption / qa / visual_grounding rows, each
+giving two examples incl. ITM-style yes/no with negatives from negative_sample/) plus the "v2" extras (2 text-infilling,
 1 image-infilling, 1 detection sample) on every row whose epoch position is a multiple of 8.
 
 Unusual points:

@@ -1,7 +1,8 @@
-"""RefCOCO / RefCOCO+ / RefCOCOg visual grounding (§6.5). Columns: uniq-id, image-id, text, region "x0,y0,x1,y1"
-(original pixels), image; selected 0,4,2,3. The image is squashed to patch_image_size x patch_image_size
+"""RefCOCO / RefCOCO+ / RefCOCOg visual grounding (docs/ofa.md#refcoco). Columns: uniq-id, image-id, text, region
+"x0,y0,x1,y1" (original pixels), image; selected 0,4,2,3. The image is squashed to patch_image_size x patch_image_size
 (RandomResize([S], max_size=S) with OFA's per-side clamp), the box scaled per axis and quantised against
-max_image_size (§2.5). Extras for evaluation: w_resize_ratios, h_resize_ratios, region_coords (original pixels)."""
+max_image_size (docs/ofa.md#box-coordinates). Extras for evaluation: w_resize_ratios, h_resize_ratios,
+region_coords (original pixels)."""
 from __future__ import annotations
 
 import numpy as np

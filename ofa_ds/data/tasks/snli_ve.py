@@ -1,6 +1,6 @@
-"""SNLI-VE (§6.6). Columns: uniq-id, image-id, image, hypothesis, premise caption, label; selected 0,2,3,4,5.
-Labels contradiction/entailment/neutral -> no/yes/maybe; the trie always holds the three answers. add_caption puts
-the premise into the prompt (released finetunes); prompt_type as in VQA."""
+"""SNLI-VE (docs/ofa.md#snli-ve). Columns: uniq-id, image-id, image, hypothesis, premise caption, label; selected
+0,2,3,4,5. Labels contradiction/entailment/neutral -> no/yes/maybe; the trie always holds the three answers. add_caption
+puts the premise into the prompt (released finetunes); prompt_type as in VQA."""
 from __future__ import annotations
 
 from ..text import build_trie, pre_caption

@@ -1,4 +1,4 @@
-"""VQAv2 (§6.4) and the decoder-prompt layouts shared with SNLI-VE.
+"""VQAv2 (docs/ofa.md#vqa) and the decoder-prompt layouts shared with SNLI-VE.
 
 Columns: question-id, image-id, question, answers, object labels, image; selected 0,5,2,3,4 (an optional 6th
 selected field, a caption, is accepted and ignored as in OFA). `prompt_layout` implements prompt_type none / src /
