@@ -1,7 +1,7 @@
 """Transformer building blocks of OFA: LayerNorm, multi-head attention with an additive bias, encoder and decoder
 layers (pre-norm with the NormFormer extras of every released checkpoint).
 
-Unusual compared with a stock Transformer (ofa-reference.md §4):
+Unusual compared with a stock Transformer:
   * attention logits are scaled by 1/sqrt(head_dim · attn_scale_factor) = 1/sqrt(2d), and every call receives an
     additive position bias [B, H, Lq, Lk] (absolute + per-layer relative), which carries a gradient;
   * NormFormer: a LayerNorm after each attention (attn_ln / self_attn_ln / cross_attn_ln), one inside the FFN

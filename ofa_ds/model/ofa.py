@@ -1,4 +1,4 @@
-"""The OFA encoder-decoder (ofa-reference.md §3-§4), single-device PyTorch, parameter names = the official keys.
+"""The OFA encoder-decoder, single-device PyTorch, parameter names = the official keys.
 
 What is unusual about OFA, and what this file does about it:
   * Image tokens come first: a truncated ResNet turns the image into h·w tokens (own LayerNorm, type embedding 1),
@@ -16,7 +16,12 @@ What is unusual about OFA, and what this file does about it:
   * Samples that carry the same image (OFA's pretraining pairs) share one ResNet pass (`dedup_images`).
   * `sample_patch_num` keeps a random subset of image tokens (with their true position ids) per sample.
   * Incremental decoding: pass a `cache` dict to `decode`; positions already cached are skipped, biases are
-    computed for the whole prefix and sliced to the new rows (§4.8).
+    computed for the whole prefix and sliced to the new rows.
+  * The embedding blocks and the per-layer biases are plain functions of the modules that hold them
+    (`embed_encoder`, `encoder_layer_bias`, `embed_decoder`, `decoder_layer_bias`): the dense Encoder/Decoder call
+    them with their own submodules, the pipeline stages (`ofa_ds.training.pipeline`) with theirs (same names, same
+    parameters), so both layouts compute one function.
+  * `forward(..., keep=mask)` projects only the kept (real target) rows: packed logits [N, V] for training.
 """
 from __future__ import annotations
 
@@ -134,6 +139,135 @@ def image_features(resnet: nn.Module, images: Tensor, dedup: bool = True) -> Ten
     return resnet(images[uniq])[inverse]
 
 
+def embed_encoder(m: nn.Module, cfg: ModelConfig, token_embeddings: Tensor, src_tokens: Tensor,
+                  patch_images: Tensor | None = None, patch_masks: Tensor | None = None,
+                  sample_patch_num: int | None = None) -> dict:
+    """The encoder's embedding block: image + text embeddings and everything the layers need.
+
+    `m` holds the modules of `add_encoder_embeddings` (the dense Encoder, or the pipeline stage that embeds the
+    encoder input); `token_embeddings` = embed_tokens(src_tokens) [B, L, C], looked up by the caller (the dense
+    model and the pipeline hold the shared token table differently). Dropout follows `m.training`.
+    Returns a dict of tensors: x [B, S, C], padding_mask (None when nothing is padding), pos_embed [B, S, C],
+    abs_bias [B, H, S, S] (shared by all layers), image_pid [B, N] or None, num_text L."""
+    b, L = src_tokens.shape
+    # Embedding modules are always *called* (never their .weight read): ZeRO-3 gathers parameters per call.
+    types = m.type_embedding(torch.arange(2, device=src_tokens.device))                    # [2, C]
+    raw_pos = m.embed_positions(torch.arange(L, device=src_tokens.device))                 # [L, C]
+    x = token_embeddings + types[0]
+    if cfg.entangle_position_embedding:
+        x = x + raw_pos
+    x = m.layernorm_embedding(x)
+    pad = src_tokens.eq(PAD)
+    pos = m.pos_ln(raw_pos)[None].expand(b, -1, -1)
+    image_pid = None
+    if patch_images is not None:
+        feats = image_features(m.embed_images, patch_images, cfg.dedup_images)            # [B, 1024, h, w]
+        h, w = feats.shape[-2:]
+        feats = feats.flatten(2).transpose(1, 2)                                      # [B, h·w, 1024]
+        image_pid = image_position_ids(h, w, cfg.image_bucket_size, feats.device)[None].expand(b, -1)
+        img_pad = torch.zeros(b, h * w, dtype=torch.bool, device=feats.device)
+        if patch_masks is not None:
+            img_pad = img_pad | ~patch_masks.to(torch.bool)[:, None]
+        if sample_patch_num is not None:
+            k = min(sample_patch_num, h * w)
+            order = torch.stack([torch.randperm(h * w, device=feats.device)[:k] for _ in range(b)])  # [B, k]
+            feats = feats.gather(1, order[..., None].expand(-1, -1, feats.shape[-1]))
+            image_pid = image_pid.gather(1, order)
+            img_pad = img_pad.gather(1, order)
+        raw_ipos = m.embed_image_positions(image_pid)
+        xi = m.image_proj(feats) + types[1]
+        if cfg.entangle_position_embedding:
+            xi = xi + raw_ipos
+        xi = m.patch_layernorm_embedding(xi)
+        pi = m.image_pos_ln(raw_ipos)
+        x, pad, pos = torch.cat([xi, x], 1), torch.cat([img_pad, pad], 1), torch.cat([pi, pos], 1)
+    x = F.dropout(x, cfg.dropout, m.training)
+    has_pad = bool(pad.any())
+    if has_pad:
+        x = x * (~pad)[..., None].to(x.dtype)
+    abs_bias = _abs_bias(m.pos_q_linear, m.pos_k_linear, pos, pos, cfg.num_heads, m.pos_scaling)
+    return {"x": x, "padding_mask": pad if has_pad else None, "pos_embed": pos, "abs_bias": abs_bias,
+            "image_pid": image_pid, "num_text": L}
+
+
+def encoder_layer_bias(token_table: nn.Embedding, image_table: nn.Embedding, token_rp_bucket: Tensor,
+                       image_rp_bucket: Tensor, abs_bias: Tensor, num_text: int, image_pid: Tensor | None) -> Tensor:
+    """Self-attention bias of one encoder layer, [B, H, S, S]: the shared absolute bias (from `embed_encoder`) +
+    this layer's relative tables, 1-D buckets on the last `num_text` (text) positions, 2-D buckets of the image
+    position ids `image_pid` [B, N] on the first N (image) positions."""
+    bias = abs_bias.clone()
+    L = num_text
+    rel_t = token_table(token_rp_bucket[:L, :L])                                     # [L, L, H]
+    bias[:, :, -L:, -L:] += rel_t.permute(2, 0, 1)[None]
+    if image_pid is not None:
+        n = image_pid.shape[1]
+        buckets = image_rp_bucket[image_pid[:, :, None], image_pid[:, None, :]]          # [B, N, N]
+        bias[:, :, :n, :n] += image_table(buckets).permute(0, 3, 1, 2)
+    return bias
+
+
+def embed_decoder(m: nn.Module, cfg: ModelConfig, token_embeddings: Tensor, prev_output_tokens: Tensor,
+                  enc_pos_embed: Tensor, image_position_idx: Tensor, code_masks: Tensor | None = None,
+                  start: int = 0, cache: dict | None = None) -> dict:
+    """The decoder's embedding block: input embeddings of positions start… and the biases every layer shares
+    (absolute self bias over all T positions, cross bias of the new rows).
+
+    `m` holds the modules of `add_decoder_embeddings`; `token_embeddings` = embed_tokens(prev_output_tokens[:,
+    start:]); `enc_pos_embed` = EncoderOut.pos_embed; `image_position_idx` = the decoder's code-position table
+    (make_decoder_image_position_idx). With a generation `cache`, the key side of the cross bias (a function of the
+    encoder output only) is computed once and kept in cache["pos"]["cross"]["k"], shaped like the cross-attention
+    K/V so that beam reordering treats it alike. Returns a dict: x, self_abs_bias [B, H, T, T], cross_bias
+    [B, H, T−start, S], code_masks ([B] bool or None), self_padding_mask (None when nothing is padding), start."""
+    b, T = prev_output_tokens.shape
+    dev = prev_output_tokens.device
+    heads, s = cfg.num_heads, m.pos_scaling
+    tok_pos = m.embed_positions(torch.arange(T, device=dev))[None]                  # [1, T, C]
+    cm = None
+    if code_masks is not None:
+        if T > image_position_idx.numel():
+            raise ValueError(f"decoder length {T} exceeds image_position_idx ({image_position_idx.numel()})")
+        code_masks = code_masks.to(torch.bool)
+        cm = code_masks[:, None, None]                                                  # [B, 1, 1]
+        img_pos = m.embed_image_positions(image_position_idx[:T])[None]
+        raw = torch.where(cm, img_pos, tok_pos)                                          # [B, T, C]
+        pos = torch.where(cm, m.image_pos_ln(raw), m.pos_ln(raw))
+    else:
+        pos = m.pos_ln(tok_pos).expand(b, -1, -1)
+    self_abs = _abs_bias(m.self_pos_q_linear, m.self_pos_k_linear, pos, pos, heads, s)
+    kept = None if cache is None else cache.setdefault("pos", {}).setdefault("cross", {})
+    if kept is not None and "k" in kept:
+        cross_k = kept["k"]
+    else:
+        cross_k = _pos_heads(m.cross_pos_k_linear, enc_pos_embed, heads)                # [B, H, S, d]
+        if kept is not None:
+            kept["k"] = cross_k
+    cross = torch.matmul(_pos_heads(m.cross_pos_q_linear, pos[:, start:], heads) * s, cross_k.transpose(-1, -2))
+    x = token_embeddings
+    if cm is None:
+        x = m.layernorm_embedding(x)
+    else:
+        x = torch.where(cm, m.code_layernorm_embedding(x), m.layernorm_embedding(x))
+    x = F.dropout(x, cfg.dropout, m.training)
+    pad = prev_output_tokens.eq(PAD)
+    return {"x": x, "self_abs_bias": self_abs, "cross_bias": cross, "code_masks": code_masks,
+            "self_padding_mask": pad if bool(pad.any()) else None, "start": start}
+
+
+def decoder_layer_bias(token_table: nn.Embedding, image_table: nn.Embedding, token_rp_bucket: Tensor,
+                       image_rp_bucket: Tensor, image_position_idx: Tensor, self_abs_bias: Tensor,
+                       code_masks: Tensor | None, start: int = 0) -> Tensor:
+    """Self-attention bias of one decoder layer for the query rows start…T−1, [B, H, T−start, T]: the shared
+    absolute bias [B, H, T, T] (from `embed_decoder`) + this layer's relative table, 1-D buckets for text samples,
+    2-D buckets of the code positions for the samples whose `code_masks` [B] (bool) is set."""
+    T = self_abs_bias.shape[-1]
+    rel = token_table(token_rp_bucket[:T, :T]).permute(2, 0, 1)[None]
+    if code_masks is not None:
+        pid = image_position_idx[:T]
+        img_rel = image_table(image_rp_bucket[pid[:, None], pid[None, :]])
+        rel = torch.where(code_masks[:, None, None, None], img_rel.permute(2, 0, 1)[None], rel)
+    return (self_abs_bias + rel)[:, :, start:]
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig, embed_tokens: nn.Embedding):
         super().__init__()
@@ -153,70 +287,21 @@ class Encoder(nn.Module):
         self.register_buffer("token_rp_bucket", make_token_rp_bucket(cfg.token_bucket_size, cfg.max_source_positions))
         self.register_buffer("image_rp_bucket", make_image_rp_bucket(cfg.image_bucket_size))
 
-    # -- embedding block -------------------------------------------------------------------------------------------
     def embed(self, src_tokens: Tensor, patch_images: Tensor | None = None, patch_masks: Tensor | None = None,
               sample_patch_num: int | None = None) -> dict:
-        """Token + image embeddings and everything the layers need: x, padding mask, position embeddings,
-        the shared absolute bias and the image position ids. Returned as a dict of tensors (pipeline friendly)."""
-        b, L = src_tokens.shape
-        # Embedding modules are always *called* (never their .weight read): ZeRO-3 gathers parameters per call.
-        types = self.type_embedding(torch.arange(2, device=src_tokens.device))                  # [2, C]
-        raw_pos = self.embed_positions(torch.arange(L, device=src_tokens.device))          # [L, C]
-        x = self.embed_tokens(src_tokens) + types[0]
-        if self.cfg.entangle_position_embedding:
-            x = x + raw_pos
-        x = self.layernorm_embedding(x)
-        pad = src_tokens.eq(PAD)
-        pos = self.pos_ln(raw_pos)[None].expand(b, -1, -1)
-        image_pid = None
-        if patch_images is not None:
-            feats = image_features(self.embed_images, patch_images, self.cfg.dedup_images)   # [B, 1024, h, w]
-            h, w = feats.shape[-2:]
-            feats = feats.flatten(2).transpose(1, 2)                                  # [B, h·w, 1024]
-            image_pid = image_position_ids(h, w, self.cfg.image_bucket_size, feats.device)[None].expand(b, -1)
-            img_pad = torch.zeros(b, h * w, dtype=torch.bool, device=feats.device)
-            if patch_masks is not None:
-                img_pad = img_pad | ~patch_masks.to(torch.bool)[:, None]
-            if sample_patch_num is not None:
-                k = min(sample_patch_num, h * w)
-                order = torch.stack([torch.randperm(h * w, device=feats.device)[:k] for _ in range(b)])  # [B, k]
-                feats = feats.gather(1, order[..., None].expand(-1, -1, feats.shape[-1]))
-                image_pid = image_pid.gather(1, order)
-                img_pad = img_pad.gather(1, order)
-            raw_ipos = self.embed_image_positions(image_pid)
-            xi = self.image_proj(feats) + types[1]
-            if self.cfg.entangle_position_embedding:
-                xi = xi + raw_ipos
-            xi = self.patch_layernorm_embedding(xi)
-            pi = self.image_pos_ln(raw_ipos)
-            x, pad, pos = torch.cat([xi, x], 1), torch.cat([img_pad, pad], 1), torch.cat([pi, pos], 1)
-        x = F.dropout(x, self.cfg.dropout, self.training)
-        has_pad = bool(pad.any())
-        if has_pad:
-            x = x * (~pad)[..., None].to(x.dtype)
-        abs_bias = _abs_bias(self.pos_q_linear, self.pos_k_linear, pos, pos, self.cfg.num_heads, self.pos_scaling)
-        return {"x": x, "padding_mask": pad if has_pad else None, "pos_embed": pos, "abs_bias": abs_bias,
-                "image_pid": image_pid, "num_text": L}
-
-    def layer_bias(self, idx: int, state: dict) -> Tensor:
-        """Self-attention bias of layer idx: shared absolute bias + this layer's relative blocks, [B, H, S, S]."""
-        bias = state["abs_bias"].clone()
-        L = state["num_text"]
-        rel_t = self.token_rel_pos_table_list[idx](self.token_rp_bucket[:L, :L])    # [L, L, H]
-        bias[:, :, -L:, -L:] += rel_t.permute(2, 0, 1)[None]
-        pid = state["image_pid"]
-        if pid is not None:
-            n = pid.shape[1]
-            buckets = self.image_rp_bucket[pid[:, :, None], pid[:, None, :]]         # [B, N, N]
-            bias[:, :, :n, :n] += self.image_rel_pos_table_list[idx](buckets).permute(0, 3, 1, 2)
-        return bias
+        """`embed_encoder` with this encoder's modules and token table."""
+        return embed_encoder(self, self.cfg, self.embed_tokens(src_tokens), src_tokens, patch_images, patch_masks,
+                             sample_patch_num)
 
     def forward(self, src_tokens: Tensor, patch_images: Tensor | None = None, patch_masks: Tensor | None = None,
                 sample_patch_num: int | None = None) -> EncoderOut:
         state = self.embed(src_tokens, patch_images, patch_masks, sample_patch_num)
         x = state["x"]
         for idx, layer in enumerate(self.layers):
-            x = layer(x, state["padding_mask"], self.layer_bias(idx, state))
+            bias = encoder_layer_bias(self.token_rel_pos_table_list[idx], self.image_rel_pos_table_list[idx],
+                                      self.token_rp_bucket, self.image_rp_bucket, state["abs_bias"],
+                                      state["num_text"], state["image_pid"])
+            x = layer(x, state["padding_mask"], bias)
         return EncoderOut(self.layer_norm(x), state["padding_mask"], state["pos_embed"])
 
 
@@ -245,53 +330,9 @@ class Decoder(nn.Module):
 
     def embed(self, prev_output_tokens: Tensor, enc: EncoderOut, code_masks: Tensor | None = None,
               start: int = 0, cache: dict | None = None) -> dict:
-        """Input embeddings of positions start… and the biases every layer shares (absolute self and cross).
-
-        With a generation `cache`, the key side of the cross bias (a function of the encoder output only) is
-        computed once and kept in cache["pos"]["cross"]["k"], shaped like the cross-attention K/V so that beam
-        reordering treats it alike."""
-        b, T = prev_output_tokens.shape
-        dev = prev_output_tokens.device
-        heads, s = self.cfg.num_heads, self.pos_scaling
-        tok_pos = self.embed_positions(torch.arange(T, device=dev))[None]              # [1, T, C]
-        cm = None
-        if code_masks is not None:
-            if T > self.image_position_idx.numel():
-                raise ValueError(f"decoder length {T} exceeds image_position_idx ({self.image_position_idx.numel()})")
-            cm = code_masks.to(torch.bool)[:, None, None]                               # [B, 1, 1]
-            img_pos = self.embed_image_positions(self.image_position_idx[:T])[None]
-            raw = torch.where(cm, img_pos, tok_pos)                                      # [B, T, C]
-            pos = torch.where(cm, self.image_pos_ln(raw), self.pos_ln(raw))
-        else:
-            pos = self.pos_ln(tok_pos).expand(b, -1, -1)
-        self_abs = _abs_bias(self.self_pos_q_linear, self.self_pos_k_linear, pos, pos, heads, s)
-        kept = None if cache is None else cache.setdefault("pos", {}).setdefault("cross", {})
-        if kept is not None and "k" in kept:
-            cross_k = kept["k"]
-        else:
-            cross_k = _pos_heads(self.cross_pos_k_linear, enc.pos_embed, heads)                # [B, H, S, d]
-            if kept is not None:
-                kept["k"] = cross_k
-        cross = torch.matmul(_pos_heads(self.cross_pos_q_linear, pos[:, start:], heads) * s, cross_k.transpose(-1, -2))
-        x = self.embed_tokens(prev_output_tokens[:, start:])
-        if cm is None:
-            x = self.layernorm_embedding(x)
-        else:
-            x = torch.where(cm, self.code_layernorm_embedding(x), self.layernorm_embedding(x))
-        x = F.dropout(x, self.cfg.dropout, self.training)
-        pad = prev_output_tokens.eq(PAD)
-        return {"x": x, "self_abs_bias": self_abs, "cross_bias": cross, "code_masks": cm,
-                "self_padding_mask": pad if bool(pad.any()) else None, "start": start, "length": T}
-
-    def layer_bias(self, idx: int, state: dict) -> Tensor:
-        """Self-attention bias of layer idx for the query rows start…T−1: [B, H, T−start, T]."""
-        T, start, cm = state["length"], state["start"], state["code_masks"]
-        rel = self.token_rel_pos_table_list[idx](self.token_rp_bucket[:T, :T]).permute(2, 0, 1)[None]
-        if cm is not None:
-            pid = self.image_position_idx[:T]
-            img_rel = self.image_rel_pos_table_list[idx](self.image_rp_bucket[pid[:, None], pid[None, :]])
-            rel = torch.where(cm[..., None], img_rel.permute(2, 0, 1)[None], rel)
-        return (state["self_abs_bias"] + rel)[:, :, start:]
+        """`embed_decoder` with this decoder's modules, token table and code-position table."""
+        return embed_decoder(self, self.cfg, self.embed_tokens(prev_output_tokens[:, start:]), prev_output_tokens,
+                             enc.pos_embed, self.image_position_idx, code_masks, start, cache)
 
     def forward(self, prev_output_tokens: Tensor, enc: EncoderOut, code_masks: Tensor | None = None,
                 cache: dict | None = None, features_only: bool = False) -> Tensor:
@@ -304,8 +345,11 @@ class Decoder(nn.Module):
         x = state["x"]
         for idx, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.setdefault(idx, {})
-            x = layer(x, enc.hidden, enc.padding_mask, self.layer_bias(idx, state), state["cross_bias"],
-                      state["self_padding_mask"], layer_cache)
+            bias = decoder_layer_bias(self.token_rel_pos_table_list[idx], self.image_rel_pos_table_list[idx],
+                                      self.token_rp_bucket, self.image_rp_bucket, self.image_position_idx,
+                                      state["self_abs_bias"], state["code_masks"], start)
+            x = layer(x, enc.hidden, enc.padding_mask, bias, state["cross_bias"], state["self_padding_mask"],
+                      layer_cache)
         if cache is not None:
             cache["length"] = prev_output_tokens.shape[1]
         x = self.layer_norm(x)
@@ -325,7 +369,8 @@ def reorder_cache(cache: dict, order: Tensor) -> None:
 
 @torch.no_grad()
 def bert_init_(m: nn.Module) -> None:
-    """OFA's init of one module, not recursive: Linear/Embedding N(0, 0.02) (padding row 0, bias 0), LayerNorm (1, 0)."""
+    """OFA's init of one module, not recursive: Linear/Embedding N(0, 0.02) (padding row 0, bias 0),
+    LayerNorm (1, 0)."""
     if isinstance(m, nn.Linear):
         nn.init.normal_(m.weight, std=0.02)
         if m.bias is not None:
@@ -367,7 +412,7 @@ class OFAModel(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """OFA's BERT-style init (§4.9): Linear/Embedding N(0, 0.02), padding row 0, LayerNorm (1, 0), ResNet kaiming;
+        """OFA's BERT-style init: Linear/Embedding N(0, 0.02), padding row 0, LayerNorm (1, 0), ResNet kaiming;
         then the NormFormer LayerNorm weights set to cfg.normformer_init (1 = OFA's init)."""
         for name, m in self.named_modules():
             if not (".embed_images" in name or name.endswith("embed_images")):
@@ -386,11 +431,17 @@ class OFAModel(nn.Module):
 
     def forward(self, src_tokens: Tensor, patch_images: Tensor | None = None, patch_masks: Tensor | None = None,
                 prev_output_tokens: Tensor | None = None, code_masks: Tensor | None = None,
-                sample_patch_num: int | None = None, **unused) -> Tensor:
+                sample_patch_num: int | None = None, keep: Tensor | None = None, **unused) -> Tensor:
+        """Logits [B, T, V]; with `keep` (bool [B, T], True where the target is real) only the kept rows are
+        projected, in row-major order: packed logits [N, V] (the tied V×C projection dominates a small model's step,
+        and a padded batch would spend it on every pad position). `ofa_ds.losses` accepts both shapes."""
         if prev_output_tokens is None:
             raise ValueError("OFAModel.forward needs prev_output_tokens (decoder input, starting with bos=0)")
         enc = self.encode(src_tokens, patch_images, patch_masks, sample_patch_num)
-        return self.decode(prev_output_tokens, enc, code_masks)
+        if keep is None:
+            return self.decode(prev_output_tokens, enc, code_masks)
+        h = self.decoder(prev_output_tokens, enc, code_masks, features_only=True)        # [B, T, C]
+        return self.decoder.output_projection(h[keep])                                    # [N, V]
 
     # -- accounting ------------------------------------------------------------------------------------------------
     def num_params(self, trainable_only: bool = False) -> int:

@@ -1,4 +1,4 @@
-"""OFA's relative-position bucket tables (ofa-reference.md §3.6, §4.5).
+"""OFA's relative-position bucket tables (1-D for text, 2-D for image patches and image codes).
 
 Both tables depend only on constants, are stored in the official checkpoints as int64 buffers, and are
 recomputed here bit-exactly:

@@ -1,8 +1,8 @@
 """OFA as a DeepSpeed `PipelineModule`: the dense model's blocks laid out as one sequential chain of layers.
 
 DeepSpeed pipelines need a strictly sequential list of layers, each taking and returning a tensor or a tuple of
-tensors (performance-anchors.md §5, user-needs.md §2.6). OFA is an encoder-decoder with a shared token table, so
-it is flattened as follows (index: layer, what it passes on):
+tensors. OFA is an encoder-decoder with a shared token table, so it is flattened as follows (index: layer, what it
+passes on):
 
     0            tied "embed" (encoder lookup)   (tok, src, img, pmask, prev, cm)
     1            EncoderEmbedPipe                (x, pos, abs_bias, pad, pid, prev, cm)
@@ -24,8 +24,9 @@ Rules the layout follows, all forced by the PipelineEngine (engine.py `_exec_sen
   * the shared V×C table is one `TiedLayerSpec` key used three times (its own forward = encoder lookup, so stage
     0's layer_00 file saves it; decoder lookup and head use forward_fn); DeepSpeed all-reduces its gradient across
     the owning stages;
-  * the embedding blocks call the dense `Encoder.embed` / `Decoder.embed` / `layer_bias` code on views that hold
-    the same parameters, so the pipeline computes exactly what the dense model computes;
+  * the embedding blocks and the per-layer biases are the dense model's own functions (`embed_encoder`,
+    `encoder_layer_bias`, `embed_decoder`, `decoder_layer_bias` of ofa_ds.model.ofa) called with this layer's
+    modules, so the pipeline computes exactly what the dense model computes;
   * the big relative-bucket index tables are cached once per process/device, not stored per layer.
 
 Parameter names: `pipe_to_dense_names(cfg)` maps every pipeline parameter/buffer (layer index + local name) to the
@@ -34,8 +35,7 @@ dicts; `ofa_ds.training.universal` converts DeepSpeed checkpoint folders both wa
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +43,8 @@ from torch import Tensor, nn
 
 from ofa_ds.config import ModelConfig
 from ofa_ds.model.layers import DecoderLayer, EncoderLayer, LayerNorm
-from ofa_ds.model.ofa import (PAD, Decoder, Encoder, EncoderOut, add_decoder_embeddings, add_encoder_embeddings,
-                              bert_init_, normformer_init_)
+from ofa_ds.model.ofa import (PAD, add_decoder_embeddings, add_encoder_embeddings, bert_init_, decoder_layer_bias,
+                              embed_decoder, embed_encoder, encoder_layer_bias, normformer_init_)
 from ofa_ds.model.positions import make_decoder_image_position_idx, make_image_rp_bucket, make_token_rp_bucket
 from ofa_ds.model.resnet import ResNet, linspace
 
@@ -57,6 +57,8 @@ _TABLES: dict[tuple, Tensor] = {}
 
 
 def _table(kind: str, a: int, b: int, device: torch.device) -> Tensor:
+    """The dense model's index buffers, built once per process and device: "token" = make_token_rp_bucket(a, b),
+    "image" = make_image_rp_bucket(a), "code" = make_decoder_image_position_idx(a, b)."""
     key = (kind, a, b, str(device))
     if key not in _TABLES:
         if kind == "token":
@@ -81,16 +83,6 @@ def _out(*ts: Tensor) -> tuple:
 def _mask_or_none(m: Tensor) -> Tensor | None:
     m = m.to(torch.bool)
     return m if bool(m.any()) else None
-
-
-class _Lookup:
-    """Stands in for `embed_tokens` inside the dense embed code: returns the rows the tied layer looked up."""
-
-    def __init__(self, rows: Tensor):
-        self.rows = rows
-
-    def __call__(self, tokens: Tensor) -> Tensor:
-        return self.rows[:, -tokens.shape[1]:]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -118,8 +110,8 @@ def output_head(emb: TokenEmbeddingPipe, x: Tensor) -> Tensor:
 
 
 class EncoderEmbedPipe(nn.Module):
-    """Everything of `Encoder.embed` except the token table: ResNet, image projection, type embedding, position
-    tables and the shared absolute bias. Attribute names equal the dense Encoder's."""
+    """The encoder's embedding block (`embed_encoder`) without the token table: ResNet, image projection, type
+    embedding, position tables and the shared absolute bias. Attribute names equal the dense Encoder's."""
 
     def __init__(self, cfg: ModelConfig, sample_patch_num: int | None = None):
         super().__init__()
@@ -129,12 +121,9 @@ class EncoderEmbedPipe(nn.Module):
 
     def forward(self, inputs: tuple) -> tuple:
         tok, src, img, pmask, prev, cm = inputs
-        view = SimpleNamespace(**{k: getattr(self, k) for k in (
-            "cfg", "layernorm_embedding", "type_embedding", "embed_images", "image_proj", "patch_layernorm_embedding",
-            "embed_positions", "embed_image_positions", "pos_ln", "image_pos_ln", "pos_q_linear", "pos_k_linear",
-            "pos_scaling", "training")}, embed_tokens=_Lookup(tok))
         img = _none_if_empty(img)
-        state = Encoder.embed(view, src, img, None if img is None else _none_if_empty(pmask), self.sample_patch_num)
+        state = embed_encoder(self, self.cfg, tok, src, img, None if img is None else _none_if_empty(pmask),
+                              self.sample_patch_num)
         b, s = state["x"].shape[:2]
         pad = state["padding_mask"]
         pad = torch.zeros(b, s, dtype=torch.long, device=src.device) if pad is None else pad.long()
@@ -150,19 +139,9 @@ class _RelTables(nn.Module):
         self.token_rel_pos_table = nn.Embedding(2 * cfg.token_bucket_size - 1, cfg.num_heads)
         self.image_rel_pos_table = nn.Embedding((2 * cfg.image_bucket_size - 1) ** 2 + 3, cfg.num_heads)
 
-    def _view(self, max_positions: int, decoder: bool) -> SimpleNamespace:
-        cfg, dev = self.cfg, self.token_rel_pos_table.weight.device
-        v = SimpleNamespace(token_rel_pos_table_list={self.idx: self.token_rel_pos_table},
-                            image_rel_pos_table_list={self.idx: self.image_rel_pos_table},
-                            token_rp_bucket=_table("token", cfg.token_bucket_size, max_positions, dev),
-                            image_rp_bucket=_table("image", cfg.image_bucket_size, 0, dev))
-        if decoder:
-            v.image_position_idx = _table("code", cfg.code_image_size, cfg.image_bucket_size, dev)
-        return v
-
 
 class EncoderLayerPipe(_RelTables):
-    """Encoder layer idx with its own relative-position tables; computes its bias like `Encoder.layer_bias`."""
+    """Encoder layer idx with its own relative-position tables; its bias is `encoder_layer_bias`."""
 
     def __init__(self, cfg: ModelConfig, idx: int, last: bool):
         super().__init__()
@@ -172,10 +151,12 @@ class EncoderLayerPipe(_RelTables):
 
     def forward(self, inputs: tuple) -> tuple:
         x, pos, abs_bias, pad, pid, prev, cm = inputs
-        pid_ = _none_if_empty(pid)
-        state = {"abs_bias": abs_bias, "image_pid": pid_,
-                 "num_text": x.shape[1] - (0 if pid_ is None else pid_.shape[1])}
-        bias = Encoder.layer_bias(self._view(self.cfg.max_source_positions, False), self.idx, state)
+        cfg, dev = self.cfg, x.device
+        image_pid = _none_if_empty(pid)
+        num_text = x.shape[1] - (0 if image_pid is None else image_pid.shape[1])
+        bias = encoder_layer_bias(self.token_rel_pos_table, self.image_rel_pos_table,
+                                  _table("token", cfg.token_bucket_size, cfg.max_source_positions, dev),
+                                  _table("image", cfg.image_bucket_size, 0, dev), abs_bias, num_text, image_pid)
         x = self.layer(x, _mask_or_none(pad), bias)
         if self.last:
             return _out(x, pos, pad, prev, cm)
@@ -193,7 +174,8 @@ class EncoderFinalNormPipe(nn.Module):
 
 
 class DecoderEmbedPipe(nn.Module):
-    """`Decoder.embed` without the token table: position tables, absolute self bias, cross bias, LayerNorms."""
+    """The decoder's embedding block (`embed_decoder`) without the token table: position tables, absolute self
+    bias, cross bias, LayerNorms."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -202,19 +184,16 @@ class DecoderEmbedPipe(nn.Module):
 
     def forward(self, inputs: tuple) -> tuple:
         tok, enc, pos, pad, prev, cm = inputs
-        view = SimpleNamespace(**{k: getattr(self, k) for k in (
-            "cfg", "layernorm_embedding", "embed_positions", "embed_image_positions", "pos_ln", "image_pos_ln",
-            "self_pos_q_linear", "self_pos_k_linear", "cross_pos_q_linear", "cross_pos_k_linear",
-            "code_layernorm_embedding", "pos_scaling", "training")}, embed_tokens=_Lookup(tok),
-            image_position_idx=_table("code", self.cfg.code_image_size, self.cfg.image_bucket_size, prev.device))
-        state = Decoder.embed(view, prev, EncoderOut(enc, _mask_or_none(pad), pos), _none_if_empty(cm))
+        cfg = self.cfg
+        state = embed_decoder(self, cfg, tok, prev, pos, _table("code", cfg.code_image_size, cfg.image_bucket_size,
+                                                                  prev.device), _none_if_empty(cm))
         sp = state["self_padding_mask"]
         sp = torch.zeros_like(prev) if sp is None else sp.long()
         return _out(state["x"], enc, pad, state["self_abs_bias"], state["cross_bias"], sp, cm)
 
 
 class DecoderLayerPipe(_RelTables):
-    """Decoder layer idx with its relative-position tables; computes its bias like `Decoder.layer_bias`."""
+    """Decoder layer idx with its relative-position tables; its bias is `decoder_layer_bias`."""
 
     def __init__(self, cfg: ModelConfig, idx: int, last: bool):
         super().__init__()
@@ -224,10 +203,13 @@ class DecoderLayerPipe(_RelTables):
 
     def forward(self, inputs: tuple):
         x, enc, pad, self_abs, cross, sp, cm = inputs
-        cm_ = _none_if_empty(cm)
-        state = {"length": x.shape[1], "start": 0, "self_abs_bias": self_abs,
-                 "code_masks": None if cm_ is None else cm_.to(torch.bool)[:, None, None]}
-        bias = Decoder.layer_bias(self._view(self.cfg.max_target_positions, True), self.idx, state)
+        cfg, dev = self.cfg, x.device
+        code_masks = _none_if_empty(cm)
+        bias = decoder_layer_bias(self.token_rel_pos_table, self.image_rel_pos_table,
+                                  _table("token", cfg.token_bucket_size, cfg.max_target_positions, dev),
+                                  _table("image", cfg.image_bucket_size, 0, dev),
+                                  _table("code", cfg.code_image_size, cfg.image_bucket_size, dev), self_abs,
+                                  None if code_masks is None else code_masks.to(torch.bool))
         x = self.layer(x, enc, _mask_or_none(pad), bias, cross, _mask_or_none(sp))
         if self.last:
             return x
@@ -361,40 +343,24 @@ def pipe_state_to_dense(cfg: ModelConfig, layers: dict[int, dict[str, Tensor]]) 
 # --------------------------------------------------------------------------------------------------------------
 # loss, batches, module
 class PipeLoss:
-    """loss_fn of the pipeline: OFA's label-smoothed CE (ofa_ds.losses) over [B,T,V] logits.
+    """A plain loss_fn for a pipeline built outside the trainer (benchmarks, tests): OFA's label-smoothed CE
+    (ofa_ds.losses) over the [B, T, V] logits, divided by the micro-batch's real-token count. The training CLI
+    passes its own loss_fn (ofa_ds.training.pipeline_strategy), which supports every option of the dense loss."""
 
-    normalize: "tokens" = divided by the micro-batch's kept-token count; "sum" = summed; "weight" = multiplied by a
-    per-micro-batch scalar the trainer sends with the labels (fairseq normalisation: weight = world·accum / the
-    step's total sample size, known before the step starts, as in the dense trainer). labels: the target tensor, or
-    a tuple (target, conf [B] or empty, weight [1])."""
+    __name__ = "label_smoothed_ce"
 
-    def __init__(self, eps: float = 0.1, normalize: str = "tokens", **ce_kwargs: Any):
-        if normalize not in ("tokens", "sum", "weight"):
-            raise ValueError(f"normalize must be 'tokens', 'sum' or 'weight', got {normalize!r}")
-        self.eps, self.normalize, self.kw = eps, normalize, ce_kwargs
-        self.__name__ = "label_smoothed_ce"
+    def __init__(self, eps: float = 0.1):
+        self.eps = eps
 
-    def __call__(self, logits: Tensor, labels) -> Tensor:
+    def __call__(self, logits: Tensor, target: Tensor) -> Tensor:
         from ofa_ds.losses import label_smoothed_ce
-        if torch.is_tensor(labels):
-            target, conf, weight = labels, None, None
-        else:
-            target, conf = labels[0], _none_if_empty(labels[1])
-            weight = labels[2] if len(labels) > 2 else None
-        out = label_smoothed_ce(logits, target, eps=self.eps, conf=conf, **self.kw)
-        if self.normalize == "tokens":
-            return out.loss / max(out.ntokens, 1)
-        if self.normalize == "weight":
-            if weight is None:
-                raise ValueError("PipeLoss(normalize='weight') needs labels (target, conf, weight)")
-            return out.loss * weight.reshape(()).to(out.loss.dtype)
-        return out.loss
+        out = label_smoothed_ce(logits, target, eps=self.eps)
+        return out.loss / max(out.ntokens, 1)
 
 
-def batch_to_pipe(batch: dict, weight: float | None = None) -> tuple[tuple[Tensor, ...], Any]:
-    """A collated batch dict (ofa_ds.data) → ((src, img, pmask, prev, cm), labels) as the PipelineEngine wants.
-    Empty tensors stand for missing images / code masks; masks travel as int64. With `weight` (or conf) the labels
-    are (target, conf or empty, weight)."""
+def batch_to_pipe(batch: dict) -> tuple[tuple[Tensor, ...], Tensor]:
+    """A collated batch dict (ofa_ds.data) → ((src, img, pmask, prev, cm), target) as the PipelineEngine wants.
+    Empty tensors stand for missing images / code masks; masks travel as int64."""
     src = batch["src_tokens"]
     b = src.shape[0]
     img = batch.get("patch_images")
@@ -403,12 +369,7 @@ def batch_to_pipe(batch: dict, weight: float | None = None) -> tuple[tuple[Tenso
     pm = torch.ones(b, dtype=torch.long) if pm is None else pm.long()
     cm = batch.get("code_masks")
     cm = torch.zeros(0, dtype=torch.long) if cm is None else cm.long()
-    labels: Any = batch["target"]
-    conf = batch.get("conf")
-    if conf is not None or weight is not None:
-        labels = (batch["target"], torch.zeros(0) if conf is None else conf.float(),
-                  torch.tensor([1.0 if weight is None else float(weight)]))
-    return (src, img, pm, batch["prev_output_tokens"], cm), labels
+    return (src, img, pm, batch["prev_output_tokens"], cm), batch["target"]
 
 
 def pipeline_settings(ds_cfg: dict) -> dict:

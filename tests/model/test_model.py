@@ -252,3 +252,22 @@ def test_dedup_images_shares_one_resnet_pass_and_matches_per_sample_outputs_and_
     assert grads[True].keys() == grads[False].keys()
     for n in grads[False]:
         torch.testing.assert_close(grads[True][n], grads[False][n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_forward_keep_returns_the_kept_rows_of_the_full_logits():
+    """forward(..., keep=mask) projects only the kept target rows: packed logits [N, V] equal the rows of the full
+    logits selected by the mask (row-major), images, padding and code masks included; gradients flow."""
+    torch.manual_seed(0)
+    m = OFAModel(preset("tiny", vocab_size=600, encoder_layers=1, decoder_layers=2)).eval()
+    src = torch.tensor([[0, 5, 9, 17, 2], [0, 33, 2, 1, 1], [0, 8, 8, 2, 1]])
+    img = torch.randn(3, 3, 32, 32)
+    prev = torch.tensor([[0, 7, 8, 9], [0, 9, 1, 1], [0, 4, 5, 1]])
+    keep = torch.tensor([[True, True, True, True], [True, True, False, False], [True, True, True, False]])
+    for cm in (None, torch.tensor([False, True, False])):
+        with torch.no_grad():
+            full = m(src, img, torch.tensor([True, False, True]), prev, code_masks=cm)
+            packed = m(src, img, torch.tensor([True, False, True]), prev, code_masks=cm, keep=keep)
+        assert packed.shape == (int(keep.sum()), 600)
+        torch.testing.assert_close(packed, full[keep], atol=1e-6, rtol=1e-6)
+    m(src, None, None, prev, keep=keep).sum().backward()
+    assert m.decoder.output_projection.weight.grad is not None

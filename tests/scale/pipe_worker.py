@@ -130,7 +130,7 @@ def main():
     gathered = gather_dense_state(pipe, cfg)
     dist.barrier()
     if rank == 0:
-        from ofa_ds.checkpoint import load_any, save_official, export_folder
+        from ofa_ds.checkpoint import load_any
         from ofa_ds.training.universal import pipeline_checkpoint_to_dense
         state = pipeline_checkpoint_to_dense(ck, cfg)
         ref = dense.state_dict()

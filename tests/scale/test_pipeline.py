@@ -3,7 +3,6 @@ conversion across layouts. One launch of tests/scale/pipe_worker.py (≈1.5 min)
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
