@@ -11,8 +11,9 @@ What is unusual, and what this file does about it:
     output, so cross-attention K/V (the big part: image tokens × layers) are only reordered when the batch shrinks,
     and self-attention K/V every step.
   * Temperature divides logits, then the trie / constraint range / bin restriction masks the *logits* (so the
-    log-softmax renormalises over the allowed set, as OFA does outside zero-shot), then pad → −inf, unk penalty,
-    min_len, prefix forcing (real log-prob kept) and n-gram blocking act on the log-probs.
+    log-softmax renormalises over the allowed set, as OFA does outside zero-shot), then pad (and bos with
+    `ban_bos`) → −inf, unk penalty, min_len, prefix forcing (real log-prob kept) and n-gram blocking act on the
+    log-probs.
   * Trie constraint with a forced prefix (VQA beam): after the row's own prefix length P, allowed tokens are the
     trie children of [bos] + tokens generated after the prefix (P varies per sample).
   * All-candidate scoring never builds OFA's dense [rows, T, V] constraint masks: the decoder runs
@@ -63,6 +64,9 @@ class GenerationConfig:
     """(a, b): ids 4..a-1 and >= b banned (specials 0-3 stay allowed), OFA's constraint_range."""
     bin_steps: int = 0
     """>0: the first bin_steps tokens are restricted to location bins and the next one to eos (our option)."""
+    ban_bos: bool = False
+    """Never emit bos (our option; OFA only bans pad). An early-training model can rank bos first, and bos tokens
+    decode to nothing: the training-time evaluation bans it."""
 
     @classmethod
     def from_eval_args(cls, text_or_dict: Any, **overrides: Any) -> "GenerationConfig":
@@ -212,6 +216,8 @@ def _step_lprobs(model, tokens: Tensor, step: int, enc, cache: dict, cfg: Genera
     lprobs = F.log_softmax(logits, dim=-1)
     lprobs[lprobs != lprobs] = -math.inf
     lprobs[:, PAD] = -math.inf
+    if cfg.ban_bos:
+        lprobs[:, BOS] = -math.inf
     if cfg.unk_penalty:
         lprobs[:, UNK] -= cfg.unk_penalty
     return lprobs

@@ -124,3 +124,37 @@ def test_first_token_only_is_the_constrained_last_position(model, batch):
         logits = model.decode(torch.tensor([p]), enc.index_select(torch.tensor([b])))[0, -1].float()
         lp = torch.log_softmax(logits[[500, 600, 700]], -1)
         torch.testing.assert_close(got[b], lp, atol=1e-5, rtol=0)
+
+
+def test_scores_without_reading_a_partitioned_weight(model, batch):
+    """Under ZeRO-3 the output projection's weight is a placeholder outside its module's call (DeepSpeed marks it
+    with `ds_id`): scoring then computes every logit through the module and gives the same scores."""
+    enc = model.encode(batch["src_tokens"], batch["patch_images"], batch["patch_masks"])
+    prompts = [[0, 40, 41, 42], [0, 43], [0]]
+    dense = [score_candidates(model, enc, prompts, ANSWERS, trie=t, chunk_rows=4) for t in (None, _trie())]
+    w = model.decoder.output_projection.weight
+    w.ds_id = 0
+    try:
+        for t, ref in zip((None, _trie()), dense):
+            torch.testing.assert_close(score_candidates(model, enc, prompts, ANSWERS, trie=t, chunk_rows=4), ref,
+                                       atol=1e-5, rtol=0)
+    finally:
+        del w.ds_id
+
+
+def test_ban_bos(model, batch):
+    """ban_bos: a model that ranks bos first still never emits it (OFA's generator only bans pad)."""
+    decode = model.decode
+
+    def bos_first(tokens, *a, **kw):
+        logits = decode(tokens, *a, **kw)
+        logits[..., 0] += 100.0
+        return logits
+    model.decode = bos_first
+    try:
+        for cfg in (GenerationConfig(beam=1, max_len_b=4), GenerationConfig(beam=3, max_len_b=4)):
+            assert all(0 in h["tokens"].tolist() for hh in generate(model, batch, cfg) for h in hh)
+            cfg.ban_bos = True
+            assert all(0 not in h["tokens"].tolist() for hh in generate(model, batch, cfg) for h in hh)
+    finally:
+        del model.decode
