@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ofa_ds.config import PRESETS, ModelConfig
+from ofa_ds.config import PRESETS, RELEASED_PRESETS, ModelConfig
 from ofa_ds.model import OFAModel
 from ofa_ds.model.weights import CheckpointError, export_folder, load_state_strict
 
@@ -90,7 +90,8 @@ def config_from_checkpoint(ckpt: dict, state: dict[str, torch.Tensor]) -> ModelC
     """Infer the ModelConfig of an official checkpoint from its arch/flags and its tensors."""
     a = _model_namespace(ckpt)
     arch = str(a.get("arch", "")).replace("ofa_", "")
-    base = PRESETS.get(arch, PRESETS["large"])  # ofa_large_architecture holds the shared defaults
+    released = arch in RELEASED_PRESETS
+    base = PRESETS[arch] if released else PRESETS["large"]  # ofa_large_architecture holds the shared defaults
     get = lambda k, d: a[k] if a.get(k) is not None else d  # noqa: E731
     emb = state.get("encoder.embed_tokens.weight")
     n_enc = 1 + max((int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")), default=-1)
@@ -101,7 +102,7 @@ def config_from_checkpoint(ckpt: dict, state: dict[str, torch.Tensor]) -> ModelC
         w = int(round((idx.numel() - 770) ** 0.5))
         code_image_size = 8 * w
     return dataclasses.replace(
-        base, name=arch if arch in PRESETS else "custom",
+        base, name=arch if released else "custom",
         vocab_size=int(emb.shape[0]) if emb is not None else base.vocab_size,
         d_model=int(emb.shape[1]) if emb is not None else get("encoder_embed_dim", base.d_model),
         ffn_dim=get("encoder_ffn_embed_dim", base.ffn_dim),
@@ -146,12 +147,16 @@ def has_ema(path: str) -> bool:
 
 def _namespace_for(cfg: ModelConfig) -> argparse.Namespace:
     rn = {v: k for k, v in RESNET_TYPES.items()}
+    if tuple(cfg.resnet_layers) not in rn:
+        raise CheckpointError(f"the official checkpoint format names the ResNet stem by type ({', '.join(RESNET_TYPES)}"
+                              f"); resnet_layers {tuple(cfg.resnet_layers)} is none of them, so the file could not be "
+                              f"loaded back. Export this model as a folder (export_folder) instead.")
     return argparse.Namespace(
-        arch=f"ofa_{cfg.name}" if cfg.name in PRESETS else "ofa_large", encoder_embed_dim=cfg.d_model,
+        arch=f"ofa_{cfg.name}" if cfg.name in RELEASED_PRESETS else "ofa_large", encoder_embed_dim=cfg.d_model,
         decoder_embed_dim=cfg.d_model, encoder_ffn_embed_dim=cfg.ffn_dim, decoder_ffn_embed_dim=cfg.ffn_dim,
         encoder_attention_heads=cfg.num_heads, decoder_attention_heads=cfg.num_heads,
         encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers,
-        resnet_type=rn.get(tuple(cfg.resnet_layers), "resnet152"), token_bucket_size=cfg.token_bucket_size,
+        resnet_type=rn[tuple(cfg.resnet_layers)], token_bucket_size=cfg.token_bucket_size,
         image_bucket_size=cfg.image_bucket_size, attn_scale_factor=cfg.attn_scale_factor,
         code_image_size=cfg.code_image_size, scale_attn=cfg.scale_attn, scale_fc=cfg.scale_fc,
         scale_heads=cfg.scale_heads, scale_resids=False, disable_entangle=True, freeze_resnet=cfg.frozen_bn,
