@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# .ci/install_multinode.sh: what the two-host tests (tests/multinode/test_two_hosts.py) need on a Debian/Ubuntu
+# .ci/install_multinode.sh: what the two-host tests (tests/cluster/test_two_hosts.py) need on a Debian/Ubuntu
 # CI machine, installed idempotently (a second run changes nothing):
 #   pdsh, openssh-server/-client, iproute2 (ip netns), util-linux (unshare, mount), openmpi-bin (mpirun, orted);
 #   sshd's host keys and privilege-separation directory; a key pair for the current user that the user itself

@@ -1,5 +1,5 @@
 """OFA as a 2-stage DeepSpeed pipeline on 2 CPU ranks (gloo): equivalence with the dense model and checkpoint
-conversion across layouts. One launch of tests/scale/pipe_worker.py (≈1.5 min) feeds all tests in this file."""
+conversion across layouts. One launch of tests/training/pipe_worker.py (≈1.5 min) feeds all tests in this file."""
 import json
 import os
 import subprocess
@@ -30,7 +30,7 @@ def launch(script: str, out: str, *extra: str, ranks: int = 2, timeout: int = 60
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("pipe"))
-    launch(os.path.join(REPO, "tests", "scale", "pipe_worker.py"), out)
+    launch(os.path.join(REPO, "tests", "training", "pipe_worker.py"), out)
     with open(os.path.join(out, "result.json")) as f:
         return json.load(f)
 

@@ -1,4 +1,4 @@
-"""Worker for the pipeline tests (started with `deepspeed --num_gpus 2 tests/scale/pipe_worker.py --out DIR`).
+"""Worker for the pipeline tests (started with `deepspeed --num_gpus 2 tests/training/pipe_worker.py --out DIR`).
 
 Every rank builds the same small dense OFAModel (fixed seed) and, independently, a 2-stage pipeline initialised from
 its weights. Then:

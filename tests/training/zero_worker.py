@@ -1,8 +1,8 @@
 """Worker for the universal-checkpoint test: ZeRO-3 on 2 ranks → DeepSpeed universal checkpoint → resume elsewhere.
 
-    deepspeed --num_gpus 2 tests/scale/zero_worker.py --out DIR --phase train          # 4 steps, save after step 2
+    deepspeed --num_gpus 2 tests/training/zero_worker.py --out DIR --phase train          # 4 steps, save after step 2
     python -m ofa_ds.training.universal to-universal DIR/ckpt --tag step2               # (the test does this)
-    deepspeed --num_gpus 1 tests/scale/zero_worker.py --out DIR --phase resume --stage 1 --tag step2_universal
+    deepspeed --num_gpus 1 tests/training/zero_worker.py --out DIR --phase resume --stage 1 --tag step2_universal
 
 Every step uses the same global batch of 4 samples whatever the layout: 2 ranks take 2 samples each, 1 rank takes
 two micro-batches of 2 (gradient accumulation 2), so the averaged gradient, hence the trajectory, is the same.

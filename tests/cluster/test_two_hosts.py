@@ -1,6 +1,6 @@
 """Real two-host tests on one machine: the launchers and the doctor against two network-namespace hosts.
 
-The hosts (tests/multinode/cluster.py) are network namespaces joined by a veth pair, each with its own sshd, so
+The hosts (tests/cluster/cluster.py) are network namespaces joined by a veth pair, each with its own sshd, so
 `launch/multinode.sh` goes through the same path as on a cluster: DeepSpeed's runner, pdsh over ssh to both hosts
 (the launch host included), `.deepspeed_env` exported on each, rendezvous at the master over the veth interface.
 The losses of a few ZeRO-3 steps on two hosts (one rank each) must equal those of the same job on one host with
@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from tests.multinode.cluster import NODES, TwoHostCluster, requirements
+from tests.cluster.cluster import NODES, TwoHostCluster, requirements
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WHY_NOT = requirements()
@@ -42,8 +42,8 @@ def pretrain(out: str) -> list[str]:
 
 
 def tiny(out: str) -> list[str]:
-    """A few ZeRO-3 steps of a tiny MLP (tests/multinode/tiny_zero3.py): the other launch paths, in seconds."""
-    return ["tests/multinode/tiny_zero3.py", "--out", out, "--steps", str(STEPS)]
+    """A few ZeRO-3 steps of a tiny MLP (tests/cluster/tiny_zero3.py): the other launch paths, in seconds."""
+    return ["tests/cluster/tiny_zero3.py", "--out", out, "--steps", str(STEPS)]
 
 
 def read_losses(out: str) -> list[float]:

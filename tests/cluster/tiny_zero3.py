@@ -6,7 +6,7 @@ the losses depend on the world size only, not on how the ranks are spread over h
 same losses as a one-host run with the same number of ranks. Rank 0 writes one JSON object per step to
 `<out>/losses.jsonl` with the global mean loss, plus `<out>/world.json` saying which host each rank ran on.
 
-    deepspeed --num_gpus 2 tests/multinode/tiny_zero3.py --out /tmp/x --steps 4
+    deepspeed --num_gpus 2 tests/cluster/tiny_zero3.py --out /tmp/x --steps 4
 """
 import argparse
 import json

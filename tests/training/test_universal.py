@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from ofa_ds.training.universal import to_universal, zero_checkpoint_to_dense
-from tests.scale.test_pipeline import REPO, launch
+from tests.training.test_pipeline import REPO, launch
 
-WORKER = os.path.join(REPO, "tests", "scale", "zero_worker.py")
+WORKER = os.path.join(REPO, "tests", "training", "zero_worker.py")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_zero3_checkpoint_consolidates_to_official_names(trained):
     out, _ = trained
     from ofa_ds.checkpoint import load_state_strict
     from ofa_ds.model import OFAModel
-    from tests.scale.pipe_worker import small_cfg
+    from tests.training.pipe_worker import small_cfg
     sd = zero_checkpoint_to_dense(os.path.join(out, "ckpt"), "step2")
     model = OFAModel(small_cfg())
     load_state_strict(model, sd, "zero3 step2")          # every official key accounted for
