@@ -4,6 +4,8 @@ from `nvidia-smi` output in its real CSV format; the two-host tests cover the an
 """
 import json
 
+import pytest
+
 from ofa_ds.cluster.doctor import (Options, Report, _check_gpus, _check_launcher, _check_network,
                                    _check_versions, _ifname_ok)
 from ofa_ds.cluster.launch_setup import Hostfile
@@ -110,6 +112,7 @@ def test_launcher_tools_are_required_only_for_several_hosts(monkeypatch):
     assert ok.problems == []
 
 
+@pytest.mark.distributed
 def test_doctor_end_to_end_on_a_one_host_hostfile(tmp_path):
     """A one-host hostfile needs no ssh (DeepSpeed starts it locally): the doctor probes this machine for real."""
     import os

@@ -117,6 +117,7 @@ def _dry_run(tmp_path, *args, env=None):
                           env={**os.environ, **(env or {})})
 
 
+@pytest.mark.distributed
 def test_multinode_dry_run_pdsh(tmp_path):
     p = _dry_run(tmp_path, "--ifname", "ib0", "--no-ib", "--ds-config", "ds_configs/x.json", "--",
                  "launch/pretrain.py", "--steps", "5")
@@ -131,6 +132,7 @@ def test_multinode_dry_run_pdsh(tmp_path):
     assert env["PATH"] == os.environ["PATH"]
 
 
+@pytest.mark.distributed
 def test_multinode_dry_run_openmpi_and_no_ssh(tmp_path):
     p = _dry_run(tmp_path, "--launcher", "openmpi", "--ifname", "eth1", "--master-port", "29600", "--no-config",
                  "--", "launch/pretrain.py")
@@ -149,6 +151,7 @@ def test_multinode_dry_run_openmpi_and_no_ssh(tmp_path):
     assert p.returncode == 2 and "--node-rank 2 is outside 0..1" in p.stderr
 
 
+@pytest.mark.distributed
 def test_multinode_refuses_bad_input(tmp_path):
     p = _dry_run(tmp_path)
     assert p.returncode == 2 and "no script given" in p.stderr
@@ -158,6 +161,7 @@ def test_multinode_refuses_bad_input(tmp_path):
     assert p.returncode == 2 and "node-a is listed twice" in p.stderr and "fix the hostfile" in p.stderr
 
 
+@pytest.mark.distributed
 def test_shell_scripts_parse():
     for script in ("launch/multinode.sh", "launch/slurm.sbatch", ".ci/install_multinode.sh"):
         p = subprocess.run(["bash", "-n", os.path.join(REPO, script)], capture_output=True, text=True)

@@ -76,6 +76,7 @@ def test_folder_round_trip_is_exact(official_tiny, tmp_path):
     assert back.decoder.output_projection.weight is back.encoder.embed_tokens.weight
 
 
+@pytest.mark.distributed
 def test_cli_converts_both_ways(official_tiny, tmp_path):
     folder, pt = str(tmp_path / "f"), str(tmp_path / "back.pt")
     for args in (["to-folder", official_tiny, folder], ["to-official", folder, pt]):

@@ -158,6 +158,7 @@ def test_pipeline_run_folder_and_export(full_pipe_run):
             assert torch.equal(v, ck[k].float()), k
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero2_or_3_with_pipeline_block_is_rejected(tmp_path, synthetic_root, stage):
     with open(os.path.join(ROOT, PIPE)) as f:
