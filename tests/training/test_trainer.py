@@ -33,7 +33,7 @@ def test_setup_resolves_into_a_new_config(tmp_path, recipes_on, one_rank_process
     from ofa_ds.training.trainer import Trainer
     recipes = recipes_on
     run = recipes.get_recipe("debug").override([f"out_dir={json.dumps(str(tmp_path / 'run'))}", "train.epochs=1",
-                                                "train.precision=\"auto\""])
+                                                "train.precision=\"auto\"", "eval.data={}"])
     before = run.to_dict()
     tr = Trainer(run)
     tr.setup()
