@@ -1,40 +1,47 @@
-"""Held-out evaluation during and after training: loss, VQA-style all-candidate accuracy, greedy captioning (CIDEr-D)
-and greedy grounding (Acc@0.5), each next to its trivial baseline.
+"""Held-out evaluation during and after training: loss, all-candidate VQA accuracy, greedy captioning (CIDEr-D) and
+greedy grounding (Acc@0.5), each next to its trivial baseline. Predictions come from the evaluators of
+`ofa_ds.metrics.tasks` (the ones `launch/evaluate.py` runs) and metrics from `ofa_ds.metrics`; this file picks the
+training-time settings, computes the loss and the baselines, and gathers records across ranks.
 
-Unusual points:
-  * Every rank runs the same number of batches and the same number of decoding steps (no early exit when all
-    sequences have finished), because under ZeRO-3 each forward gathers parameters collectively: a rank that
-    stopped early would hang the others (user-needs §2.2). Shards are equalised by the data stream (wrap-round);
-    results are gathered and de-duplicated by sample id.
-  * All-candidate scoring (§8.3) sums the log-probabilities of answer + eos after the sample's decoder prompt, with
-    no constraint and no length normalisation; candidates run in chunks so that no logits tensor exceeds ~64 M floats.
+Training-time settings (they differ from `launch/evaluate.py`'s OFA defaults on purpose: cheap, and meaningful for a
+model early in training):
+  * Captions and boxes: greedy decoding = beam 1 of `ofa_ds.generation.generate`, no n-gram blocking, bos never
+    emitted (an early-training model ranks it first; it decodes to nothing). Captions have 1 to `max_len` tokens;
+    CIDEr-D on the lower-cased, punctuation-stripped words (tokenizer "none", the text OFA's validation scores),
+    document frequencies from the evaluated references.
   * Grounding decodes exactly 4 tokens restricted to the location bins (OFA does not restrict; an early-training
-    model otherwise emits words there). Box = bins / (num_bins−1) · max_image_size / resize ratio (§8.4).
+    model otherwise emits words there). Box = bin / (num_bins − 1) · max_image_size / resize ratio.
+  * All-candidate scoring sums the log-probabilities of answer + eos after the sample's decoder prompt, with the
+    softmax over the whole vocabulary (no candidate trie) and no length normalisation.
+  * ZeRO-3 gathers parameters collectively at every module call: when the model's parameters are partitioned every
+    rank must run the same batches (the data stream equalises shards by wrapping round) and generation runs in
+    lockstep (`sync`: no rank stops decoding before all are done). Records are gathered and de-duplicated by id.
   * Trivial baselines come from the training files named in `EvalConfig.reference_stats`: the most frequent VQA
-    answer, the most frequent caption, the mean box (in original pixels). With `EvalConfig.vqa_answer_types` (a
-    type2ans.json) VQA accuracy is also reported per answer type (`vqa_acc_<type>`, by the best reference answer).
-  * The full beam-search generator (constraint tries, n-gram blocking, per-task settings of §8.2) belongs to the
-    inference module; this file only needs greedy decoding.
+    answer and each training question's most frequent answer, the most frequent caption, the mean box (in original
+    pixels). With `EvalConfig.vqa_answer_types` (a type2ans.json) VQA accuracy is also reported per answer type
+    (`vqa_acc_<type>`, by the best reference answer).
 """
 from __future__ import annotations
 
 import json
 import math
 import re
-import string
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from ofa_ds.data.tasks.base import parse_answers
+from ofa_ds.data.text import strip_punct_words
 from ofa_ds.losses import label_smoothed_ce, pair_loss
+from ofa_ds.metrics.caption import caption_scores
+from ofa_ds.metrics.simple import box_iou, grounding_hits, vqa_score
+from ofa_ds.metrics.tasks import (CaptionEvaluator, Evaluator, ImageNetEvaluator, RefcocoEvaluator,
+                                  SnliVeEvaluator, VQAEvaluator)
 
-BOS, PAD, EOS = 0, 1, 2
 NET_KEYS = ("src_tokens", "patch_images", "patch_masks", "prev_output_tokens", "code_masks")
-_PUNCT = str.maketrans("", "", string.punctuation)
 
 
 def to_device(batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
@@ -70,68 +77,14 @@ def gather_records(records: list[dict]) -> list[dict]:
 
 
 def unique_records(records: list[dict]) -> list[dict]:
-    """Records with repeated 'id's dropped (first kept)."""
-    seen, out = set(), []
-    for r in records:
-        if r["id"] not in seen:
-            seen.add(r["id"])
-            out.append(r)
-    return out
+    """Records with repeated 'id's dropped (first kept), sorted by id: any number of ranks gives the same list."""
+    return Evaluator.dedupe(records)
 
 
-# ---- scoring primitives ----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def candidate_scores(model, batch: dict, candidates: list[list[int]], prompts: list[list[int]],
-                     max_floats: int = 64_000_000) -> torch.Tensor:
-    """Sum of log p(candidate + eos | image, source, decoder prompt): Float[B, C] (§8.3)."""
-    enc = model.encode(batch["src_tokens"], batch.get("patch_images"), batch.get("patch_masks"))
-    B, C, V = batch["src_tokens"].shape[0], len(candidates), model.cfg.vocab_size
-    dev = batch["src_tokens"].device
-    scores = torch.empty(B, C, device=dev)
-    for i in range(B):
-        p = list(prompts[i])
-        seqs = [p + c for c in candidates]                        # decoder input: prompt + answer
-        tgts = [p[1:] + c + [EOS] for c in candidates]            # shifted: prompt positions, answer, eos
-        T = max(len(s) for s in seqs)
-        step = max(1, max_floats // ((max(map(len, candidates)) + 64) * V))   # same chunks on every rank
-        for c0 in range(0, C, step):
-            sl = slice(c0, min(C, c0 + step))
-            prev = torch.full((sl.stop - sl.start, T), PAD, dtype=torch.long, device=dev)
-            tgt = torch.full_like(prev, PAD)
-            for j, (s, t) in enumerate(zip(seqs[sl], tgts[sl])):
-                prev[j, : len(s)] = torch.tensor(s, device=dev)
-                tgt[j, : len(t)] = torch.tensor(t, device=dev)
-            tgt[:, : len(p) - 1] = PAD                            # prompt positions are not scored
-            e = enc.index_select(torch.full((prev.shape[0],), i, dtype=torch.long, device=dev))
-            lp = F.log_softmax(model.decode(prev, e).float(), -1)
-            tok = lp.gather(-1, tgt.clamp(min=0)[..., None]).squeeze(-1).masked_fill(tgt.eq(PAD), 0.0)
-            scores[i, sl] = tok.sum(-1)
-    return scores
-
-
-@torch.no_grad()
-def greedy(model, batch: dict, steps: int, allowed: torch.Tensor | None = None,
-           force_len: bool = False) -> list[list[int]]:
-    """Greedy decoding from bos for exactly `steps` steps (lockstep across ranks). `allowed` Bool[V] restricts the
-    vocabulary; with force_len eos is never chosen. Returns the tokens before the first eos per sample."""
-    enc = model.encode(batch["src_tokens"], batch.get("patch_images"), batch.get("patch_masks"))
-    B = batch["src_tokens"].shape[0]
-    dev = batch["src_tokens"].device
-    prev = torch.full((B, 1), BOS, dtype=torch.long, device=dev)
-    cache: dict = {}
-    for _ in range(steps):
-        logits = model.decode(prev, enc, cache=cache)[:, -1].float()      # [B, V]
-        logits[:, PAD] = float("-inf")
-        logits[:, BOS] = float("-inf")
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed, float("-inf"))
-        if force_len:
-            logits[:, EOS] = float("-inf")
-        prev = torch.cat([prev, logits.argmax(-1, keepdim=True)], 1)
-    out = []
-    for row in prev[:, 1:].tolist():
-        out.append(row[: row.index(EOS)] if EOS in row else row)
-    return out
+def partitioned(model) -> bool:
+    """Whether the model's parameters are ZeRO-3 partitions (DeepSpeed marks them with `ds_id`): then every module
+    call gathers collectively and generation must keep the ranks in lockstep."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 @torch.no_grad()
@@ -151,21 +104,25 @@ def batch_loss(model, batch: Any, eps: float, sample_patch_num: int | None = Non
 
 
 # ---- metrics ---------------------------------------------------------------------------------------------------------
-def iou(a, b) -> tuple[float, bool]:
-    """IoU of two (x0, y0, x1, y1) boxes and whether the intersection has positive width and height (§9)."""
-    iw, ih = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
-    inter = max(iw, 0.0) * max(ih, 0.0)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / (union + 1e-6), iw > 0 and ih > 0
-
-
 def caption_words(text: str) -> str:
-    return " ".join(text.lower().translate(_PUNCT).split())
+    """Lower-cased words without punctuation (what CIDEr and the exact-match rate compare)."""
+    return strip_punct_words(text.lower())
 
 
 def cider(hyps: list[str], refs: list[list[str]]) -> float:
-    from ofa_ds.metrics.cider import CiderD
-    return CiderD().compute([caption_words(h) for h in hyps], [[caption_words(r) for r in rs] for rs in refs])[0]
+    """Corpus CIDEr-D of hypotheses against their references, on punctuation-stripped lower-cased words."""
+    keys = [f"{i:09d}" for i in range(len(hyps))]          # caption_scores sorts by key: keep the given order
+    preds = {k: strip_punct_words(h) for k, h in zip(keys, hyps)}
+    return caption_scores(preds, {k: [strip_punct_words(r) for r in rs] for k, rs in zip(keys, refs)},
+                          tokenizer="none")["CIDEr"]
+
+
+def _box_scores(boxes: list[list[float]], gts: list[list[float]]) -> tuple[float, float]:
+    """(Acc@0.5, mean IoU) of boxes against ground truths (OFA's IoU and hit rule, `ofa_ds.metrics.simple`)."""
+    pred = torch.tensor(boxes, dtype=torch.float64).view(-1, 4)
+    gt = torch.tensor(gts, dtype=torch.float64).view(-1, 4)
+    hits, ious = grounding_hits(pred, gt).tolist(), box_iou(pred, gt).tolist()
+    return sum(hits) / len(hits), sum(ious) / len(ious)
 
 
 # ---- trivial baselines from training files ---------------------------------------------------------------------------
@@ -179,11 +136,6 @@ def _column(path: str, col: int, limit: int = 200_000) -> list[str]:
             if len(parts) > col:
                 out.append(parts[col])
     return out
-
-
-def _best_answer(answers: str) -> str:
-    items = [x.split("|!+", 1) if "|!+" in x else ("1.0", x) for x in answers.split("&&")]
-    return max(items, key=lambda t: float(t[0]))[1]
 
 
 @dataclass(frozen=True)
@@ -226,7 +178,8 @@ def vqa_baselines(vqa_train_tsv: str, answer_types: str = "") -> VQABaselines:
     `answer_types` (a type2ans.json, optional) adds the answer -> type map behind the per-type accuracies."""
     per: dict[str, Counter] = {}
     for q, a in zip(_column(vqa_train_tsv, 2), _column(vqa_train_tsv, 3)):
-        per.setdefault(question_key(q), Counter())[_best_answer(a)] += 1
+        best = max(parse_answers(a), key=lambda ca: ca[0])[1]
+        per.setdefault(question_key(q), Counter())[best] += 1
     majority = sum(per.values(), Counter()).most_common(1)[0][0]
     types = load_answer_types(answer_types) if answer_types else {}
     return VQABaselines(majority, {q: c.most_common(1)[0][0] for q, c in per.items()}, types)
@@ -241,27 +194,31 @@ def mean_box(refcoco_train_tsv: str) -> list[float]:
     return [sum(b[k] for b in boxes) / len(boxes) for k in range(4)]
 
 
+def _mean_score(records: list[dict], answer) -> float:
+    """Mean VQA score of `answer(record)` against each record's reference dict."""
+    return sum(vqa_score(answer(r), r["ref"]) for r in records) / len(records)
+
+
 def summarise(task: str, records: list[dict], baseline: Any, tok) -> dict[str, float]:
     """Metrics of one task from the gathered per-sample records (and the trivial baseline when known)."""
     out: dict[str, float] = {f"{task}_n": float(len(records))}
     if not records:
         return out
     if "pred_answer" in records[0]:
-        out[f"{task}_acc"] = sum(r["ref"].get(r["pred_answer"], 0.0) for r in records) / len(records)
+        out[f"{task}_acc"] = _mean_score(records, lambda r: r["pred_answer"])
         if baseline is not None:
             prior = baseline if isinstance(baseline, VQABaselines) else None
             majority = prior.majority if prior else baseline
-            out[f"{task}_majority_baseline"] = sum(r["ref"].get(majority, 0.0) for r in records) / len(records)
+            out[f"{task}_majority_baseline"] = _mean_score(records, lambda r: majority)
             if prior and all(r.get("question") is not None for r in records):
-                out[f"{task}_question_prior_baseline"] = sum(
-                    r["ref"].get(prior.by_question.get(question_key(r["question"]), majority), 0.0)
-                    for r in records) / len(records)
+                out[f"{task}_question_prior_baseline"] = _mean_score(
+                    records, lambda r: prior.by_question.get(question_key(r["question"]), majority))
             if prior and prior.answer_type:      # accuracy by the type of each question's best reference answer
                 groups: dict[str, list[float]] = {}
                 for r in records:
                     best = max(r["ref"], key=r["ref"].get) if r["ref"] else ""
                     key = type_metric_name(task, prior.answer_type.get(best, "other"))
-                    groups.setdefault(key, []).append(r["ref"].get(r["pred_answer"], 0.0))
+                    groups.setdefault(key, []).append(vqa_score(r["pred_answer"], r["ref"]))
                 out.update({k: sum(v) / len(v) for k, v in sorted(groups.items())})
     if "caption" in records[0]:
         refs = [r["refs"] for r in records]
@@ -271,50 +228,61 @@ def summarise(task: str, records: list[dict], baseline: Any, tok) -> dict[str, f
         if baseline is not None:
             out[f"{task}_constant_baseline_cider"] = cider([baseline] * len(records), refs)
     if "box" in records[0]:
-        ious = [iou(r["box"], r["gt"]) for r in records]
-        out[f"{task}_acc50"] = sum(v >= 0.5 and pos for v, pos in ious) / len(records)
-        out[f"{task}_miou"] = sum(v for v, _ in ious) / len(records)
+        gts = [r["gt"] for r in records]
+        out[f"{task}_acc50"], out[f"{task}_miou"] = _box_scores([r["box"] for r in records], gts)
         if baseline is not None:
-            bi = [iou(baseline, r["gt"]) for r in records]
-            out[f"{task}_mean_box_baseline_acc50"] = sum(v >= 0.5 and p for v, p in bi) / len(records)
-            out[f"{task}_mean_box_baseline_miou"] = sum(v for v, _ in bi) / len(records)
+            acc, miou = _box_scores([list(baseline)] * len(records), gts)
+            out[f"{task}_mean_box_baseline_acc50"], out[f"{task}_mean_box_baseline_miou"] = acc, miou
     return out
 
 
 # ---- one task --------------------------------------------------------------------------------------------------------
+_ALL_CANDIDATE = {"vqa": VQAEvaluator, "snli_ve": SnliVeEvaluator, "imagenet": ImageNetEvaluator}
+
+
+def _evaluator(task: str, tok, *, max_len: int, num_bins: int, max_image_size: int,
+               candidates: dict[str, int] | None, sync: bool) -> Evaluator | None:
+    """The `ofa_ds.metrics.tasks` evaluator of `task` with the training-time settings (module docstring); None for
+    a task without a held-out metric (its loss is still reported)."""
+    greedy = {"beam": 1, "no_repeat_ngram_size": 0, "ban_bos": True}
+    if candidates:
+        answers = sorted(candidates, key=candidates.get)
+        return _ALL_CANDIDATE.get(task, VQAEvaluator)(tok, answers, constrained=False, sync=sync)
+    if task == "caption":
+        return CaptionEvaluator(tok, dict(greedy, max_len_a=0, max_len_b=max_len, min_len=1), sync=sync)
+    if task == "refcoco":
+        bins = dict(greedy)
+        if tok.bin_offset + num_bins < tok.vocab_size:       # fewer bins in use than the vocabulary holds
+            bins["constraint_range"] = (tok.bin_offset, tok.bin_offset + num_bins)
+        return RefcocoEvaluator(tok, bins, restrict_bins=True, max_image_size=max_image_size, sync=sync)
+    return None
+
+
+def _records(ev: Evaluator, model, batch: dict) -> list[dict]:
+    """This batch's records in the layout `summarise` reads."""
+    if isinstance(ev, (VQAEvaluator, SnliVeEvaluator)):
+        ids = batch["id"].tolist()
+        qs = batch.get("question") or [None] * len(ids)
+        return [{"id": i, "pred_answer": a, "ref": r, "question": q}
+                for i, a, r, q in zip(ids, ev.choose(model, batch), batch["ref_dict"], qs)]
+    return ev.predict(model, batch)
+
+
 def evaluate_task(model, task: str, batches, tok, *, device, dtype, max_len: int, num_bins: int,
                   max_image_size: int, candidates: dict[str, int] | None,
                   eps: float) -> tuple[list[dict], float, float]:
     """Per-sample records of this rank plus (summed loss, sample size) of its batches."""
+    ev = _evaluator(task, tok, max_len=max_len, num_bins=num_bins, max_image_size=max_image_size,
+                    candidates=candidates, sync=partitioned(model))
     records: list[dict] = []
     loss_sum, size = 0.0, 0.0
-    cand_names = sorted(candidates, key=candidates.get) if candidates else None
-    cand_ids = [tok.encode(" " + a) for a in cand_names] if cand_names else None
-    bins = None
-    if task == "refcoco":
-        bins = torch.zeros(model.cfg.vocab_size, dtype=torch.bool, device=device)
-        bins[tok.bin_offset: tok.bin_offset + num_bins] = True
     for raw in batches:
         b = to_device(raw, device, dtype)
         if task != "caption":        # caption eval targets are the '&&'-joined references: no meaningful loss
             ls, ss = batch_loss(model, b, eps)
             loss_sum, size = loss_sum + ls, size + ss
-        ids = raw["id"].tolist()
-        if cand_ids is not None and "ref_dict" in raw:
-            prompts = raw.get("decoder_prompt") or [[BOS]] * len(ids)
-            best = candidate_scores(model, b, cand_ids, prompts).argmax(-1).tolist()
-            qs = raw.get("question") or [None] * len(ids)
-            records += [{"id": i, "pred_answer": cand_names[k], "ref": r, "question": q}
-                        for i, k, r, q in zip(ids, best, raw["ref_dict"], qs)]
-        elif task == "caption":
-            for i, seq, refs in zip(ids, greedy(model, b, max_len), raw["captions"]):
-                records.append({"id": i, "caption": tok.decode(seq), "refs": list(refs)})
-        elif task == "refcoco":
-            seqs = greedy(model, b, 4, allowed=bins, force_len=True)
-            for k, (i, seq) in enumerate(zip(ids, seqs)):
-                box = tok.ids_to_box(seq, max_image_size, float(raw["w_resize_ratios"][k]),
-                                     float(raw["h_resize_ratios"][k]))
-                records.append({"id": i, "box": box, "gt": [float(v) for v in raw["region_coords"][k]]})
+        if ev is not None and (not candidates or "ref_dict" in raw):
+            records += _records(ev, model, b)
     return records, loss_sum, size
 
 
