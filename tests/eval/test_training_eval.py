@@ -35,9 +35,9 @@ def _stream(root, task, batch_size=4, prompt_type="none"):
     return DataStream(cfg, split="valid")
 
 
-def _run(model, task, stream, batches):
+def _run(model, task, stream, batches, num_bins=1000):
     return training_eval.evaluate_task(model, task, batches, get_tokenizer(), device=torch.device("cpu"), dtype=None,
-                                       max_len=MAX_LEN, num_bins=1000, max_image_size=512,
+                                       max_len=MAX_LEN, num_bins=num_bins, max_image_size=512,
                                        candidates=getattr(stream.task, "ans2label", None), eps=0.1)
 
 
@@ -100,6 +100,11 @@ def test_training_eval_equals_evaluators_and_references(syn):
             ref = _greedy(model, batch, 4, bins_from=tok.bin_offset)
             assert [r["box"] for r in recs] == [tok.ids_to_box(t, 512, float(w), float(h)) for t, w, h in
                                                 zip(ref, batch["w_resize_ratios"], batch["h_resize_ratios"])]
+            ratios = [(float(w), float(h)) * 2 for w, h in zip(batch["w_resize_ratios"], batch["h_resize_ratios"])]
+
+            def in_first_10_bins(rs):
+                return all(v * r <= 9 / 999 * 512 + 1e-9 for rec, rr in zip(rs, ratios) for v, r in zip(rec["box"], rr))
+            assert not in_first_10_bins(recs) and in_first_10_bins(_run(model, task, stream, [batch], num_bins=10)[0])
             m = ev.metrics(launch)
             assert (metrics["refcoco_acc50"], metrics["refcoco_miou"]) == pytest.approx((m["acc@0.5"],
                                                                                          m["mean_iou"]))
