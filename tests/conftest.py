@@ -18,6 +18,15 @@ def _seed():
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread (restored afterwards): tests of many tiny ops otherwise spin on shared cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def assets_dir() -> str:
     return ASSETS
 

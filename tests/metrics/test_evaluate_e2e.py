@@ -81,6 +81,7 @@ def _strip(m):
     return {k: v for k, v in m.items() if k not in ("samples_per_s", "ranks", "checkpoint")}
 
 
+@pytest.mark.distributed
 def test_single_rank_all_tasks_and_checkpoint_kinds(assets):
     root = assets["root"]
     rows = {t: sum(1 for _ in open(assets["files"][t])) for t in TASKS}
@@ -103,6 +104,7 @@ def test_single_rank_all_tasks_and_checkpoint_kinds(assets):
             assert p2 == preds and _strip(m2) == _strip(m)
 
 
+@pytest.mark.distributed
 def test_official_pt_equals_exported_folder(assets):
     root = assets["root"]
     res = []

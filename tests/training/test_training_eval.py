@@ -18,6 +18,8 @@ from ofa_ds.tokenizer import get_tokenizer
 from ofa_ds.training import evaluate as training_eval
 from tests.generation.conftest import tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # many tiny ops: no spinning on shared cores
+
 MAX_LEN = 6
 GREEDY = {"beam": 1, "no_repeat_ngram_size": 0, "ban_bos": True}        # launch/evaluate.py --gen-args
 BOS, PAD, EOS = 0, 1, 2

@@ -1,6 +1,7 @@
 """SCST (self-critical sequence training): text processing, leave-one-out baseline, CIDEr-D rewards with a df cache,
 and the loss: its value is -Σ log p · advantage, and one small SGD step raises the advantage-weighted log-likelihood
 of the samples."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -11,6 +12,8 @@ from ofa_ds.metrics.cider import CiderD, build_df_from_tsv, save_df
 from ofa_ds.tokenizer import get_tokenizer
 from ofa_ds.training.scst import CiderReward, clean_caption, leave_one_out, scst_loss
 from tests.generation.conftest import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # many tiny ops: no spinning on shared cores
 
 
 def test_clean_caption_and_baseline():
