@@ -1,45 +1,42 @@
 """The Trainer resolves the RunConfig once, into a new object, and never writes into the one it was given: the
-checkpoint's architecture, epochs -> max_steps and "auto" precision land in `trainer.run_cfg` and config.json."""
-import importlib
+checkpoint's architecture, epochs -> max_steps and "auto" precision land in `trainer.run_cfg` and config.json.
+Runs in a fresh process: DeepSpeed keeps module-level process groups that a second engine in the same process would
+find stale."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
+from .conftest import ROOT
 
-@pytest.fixture
-def one_rank_process_group():
-    """Tear down what Trainer.setup starts in this process (the process group and the env it sets)."""
-    import torch.distributed as dist
-    saved = dict(os.environ)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-@pytest.fixture
-def recipes_on(synthetic_root, monkeypatch):
-    """ofa_ds.recipes with SYNTHETIC_ROOT (read at import) pointing at the test's synthetic data; restored after."""
-    import ofa_ds.recipes
-    monkeypatch.setenv("OFA_DS_SYNTHETIC", synthetic_root)
-    yield importlib.reload(ofa_ds.recipes)
-    monkeypatch.undo()
-    importlib.reload(ofa_ds.recipes)
+SCRIPT = r"""
+import json, sys
+from ofa_ds.recipes import get_recipe
+from ofa_ds.training.trainer import Trainer
+run = get_recipe("debug").override([f"out_dir={json.dumps(sys.argv[1])}", "train.epochs=1",
+                                    'train.precision="auto"', "eval.data={}"])
+before = run.to_dict()
+tr = Trainer(run)
+tr.setup()
+print(json.dumps({"unchanged": run.to_dict() == before, "requested": run.to_dict(), "resolved": tr.run_cfg.to_dict(),
+                  "batches": len(tr.stream)}))
+"""
 
 
-def test_setup_resolves_into_a_new_config(tmp_path, recipes_on, one_rank_process_group):
-    from ofa_ds.training.trainer import Trainer
-    recipes = recipes_on
-    run = recipes.get_recipe("debug").override([f"out_dir={json.dumps(str(tmp_path / 'run'))}", "train.epochs=1",
-                                                "train.precision=\"auto\"", "eval.data={}"])
-    before = run.to_dict()
-    tr = Trainer(run)
-    tr.setup()
-    assert run.to_dict() == before                   # the requested config is untouched
-    steps = -(-len(tr.stream) // run.train.grad_accum)
-    assert tr.run_cfg.train.max_steps == steps != run.train.max_steps
-    assert tr.run_cfg.train.precision == "fp32" and run.train.precision == "auto"
-    with open(tmp_path / "run" / "config.json") as f:
-        assert json.load(f) == json.loads(tr.run_cfg.to_json())
+@pytest.mark.distributed
+def test_setup_resolves_into_a_new_config(tmp_path, synthetic_root):
+    out = str(tmp_path / "run")
+    env = dict(os.environ, OFA_DS_SYNTHETIC=synthetic_root, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, "-c", SCRIPT, out], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["unchanged"]                                   # the requested config is untouched
+    req, res = r["requested"]["train"], r["resolved"]["train"]
+    steps = -(-r["batches"] // req["grad_accum"])
+    assert res["max_steps"] == steps != req["max_steps"]
+    assert res["precision"] == "fp32" and req["precision"] == "auto"
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f) == r["resolved"]
