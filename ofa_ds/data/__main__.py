@@ -1,4 +1,4 @@
-"""`python -m ofa_ds.data {synthetic,convert,validate}` — see docs/data.md."""
+"""`python -m ofa_ds.data {synthetic,convert,validate,import}` — see docs/data.md."""
 from __future__ import annotations
 
 import argparse
@@ -33,7 +33,18 @@ def main(argv=None) -> int:
     v.add_argument("--selected-cols", default=None)
     v.add_argument("--limit", type=int, default=None, help="check only the first N rows")
     v.add_argument("file")
+    from .importers import formats
+    imp = sub.add_parser("import", help="a public dataset as its authors ship it -> OFA TSVs")
+    isub = imp.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    for name, fmt in sorted(formats().items()):
+        f = isub.add_parser(name, help=fmt.help, description=fmt.help)
+        f.add_argument("--out", required=True, help="output folder (created; files are written whole or not at all)")
+        f.add_argument("--max-side", type=int, default=None,
+                       help="shrink larger images to this longest side (boxes scaled with them)")
+        fmt.add_arguments(f)
     a = p.parse_args(argv)
+    if a.cmd == "import":
+        return _import(formats()[a.format], a)
     if a.cmd == "synthetic":
         from .synthetic import generate
         m = generate(a.out, seed=a.seed, size=a.size, image_size=a.image_size, max_objects=a.max_objects,
@@ -61,6 +72,22 @@ def main(argv=None) -> int:
         return 2
     _, bad = validate(a.task, a.file, a.selected_cols, limit=a.limit)
     return 1 if bad else 0
+
+
+def _import(fmt, a) -> int:
+    """Run one importer: a one-line error (exit 2) for a missing or malformed source, else the summary line."""
+    from .importers.common import ImportStats
+    stats = ImportStats()
+    try:
+        fmt.run(a, stats)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except ValueError as e:          # malformed source file (bad JSON, wrong layout): the importer names it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(stats.summary(), file=sys.stderr)
+    return 0 if sum(stats.written.values()) else 1
 
 
 if __name__ == "__main__":
