@@ -25,6 +25,9 @@ def test_writer_renames_on_success_and_removes_the_part_file_on_error(tmp_path):
             raise RuntimeError("disk full")
     assert not os.path.exists(bad) and not os.path.exists(bad + ".part")
     assert stats.written[out] == 1
+    with TSVWriter(str(tmp_path / "empty.tsv"), stats):
+        pass
+    assert not os.path.exists(tmp_path / "empty.tsv") and stats.written[str(tmp_path / "empty.tsv")] == 0
 
 
 def test_skips_are_counted_by_reason(capsys):

@@ -6,7 +6,8 @@ Rules they all follow:
   * Streaming where the source allows it (images are read one at a time; JSON annotation files are loaded once).
   * Deterministic: the same input gives byte-identical output (sorted ids where the source order is not fixed).
   * Never a half-written file that looks complete: rows go to `<name>.part`, renamed to `<name>` only after the
-    last row; on any error the `.part` file is removed (`TSVWriter`).
+    last row; on any error the `.part` file is removed (`TSVWriter`). A file that would hold no row is not written
+    (the loader refuses empty files); the summary still lists it with 0 rows.
   * A record that cannot become a valid row is skipped with a short reason (`Skip`); `ImportStats` counts rows
     written per file and skips per reason, and the summary names both.
   * Images are embedded as base64 of their original bytes when they decode and need no resizing; with `max_side`
@@ -48,7 +49,8 @@ class ImportStats:
         self.skipped[s.reason] += 1
         if self._printed[s.reason] < self.log_limit:
             self._printed[s.reason] += 1
-            print(f"skipped ({s})", file=stream or sys.stderr)
+            from tqdm import tqdm
+            tqdm.write(f"skipped ({s})", file=stream or sys.stderr)      # above a running progress bar
 
     def summary(self) -> str:
         files = ", ".join(f"{os.path.basename(k)} {v}" for k, v in sorted(self.written.items())) or "none"
@@ -76,13 +78,13 @@ class TSVWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.f.close()
-        if exc_type is None:
+        if exc_type is None and self.stats.written[self.path] > 0:
             os.replace(self.tmp, self.path)
-        else:
-            try:
-                os.remove(self.tmp)
-            except OSError:
-                pass
+            return
+        try:                         # an error, or nothing to write (no empty file; the summary shows the 0)
+            os.remove(self.tmp)
+        except OSError:
+            pass
 
 
 def clean(x: Any) -> str:

@@ -222,8 +222,6 @@ def _run(a, stats: ImportStats) -> None:
                     continue
                 w.write([r["uniq_id"], r["image_id"], r["sentence"] if a.text == "sent" else r["raw"],
                          box_cell(box, img), img.b64])
-        if not stats.written[out]:
-            os.remove(out)                          # no empty file (the loader refuses one); the summary shows the 0
 
 
 FORMATS = {"refcoco": Format(

@@ -118,8 +118,6 @@ def _run(a, stats: ImportStats) -> None:
                     stats.skip(s)
                     continue
                 w.write([uniq, image_id, cache[1].b64, hyp, premise, label])
-        if not stats.written[out]:
-            os.remove(out)                          # no empty file (the loader refuses one); the summary shows the 0
 
 
 FORMATS = {"snli_ve": Format(
