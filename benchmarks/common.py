@@ -40,6 +40,20 @@ def machine() -> str:
     return f"cpu:{model} x{torch.get_num_threads()}threads"
 
 
+def gemm_peak_gflops(n: int = 1024, seconds: float = 1.0) -> float:
+    """This machine's fp32 matrix-multiply throughput now (GFLOP/s, best of repeated n x n products over about
+    `seconds`), with torch's current thread count: recorded beside CPU timings, which differ between machines."""
+    import time
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b                                                   # warm-up
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
+    return round(best, 1)
+
+
 def base_row() -> dict:
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "commit": git_commit(),
             "machine": machine(), "torch": torch.__version__}
