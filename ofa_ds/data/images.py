@@ -6,6 +6,11 @@ Unusual points copied from OFA on purpose:
 * `random_resize` clamps *each* side to max_size independently (OFA's utils/transforms.resize), so RandomResize([512],
   max_size=512) squashes any image to exactly 512x512 and the aspect ratio is only kept below max_size.
 * Base64 is decoded with the URL-safe decoder, which also accepts the standard alphabet; missing '=' padding is added.
+* Decoding is OFA's `Image.open(...).convert("RGB")`: no EXIF rotation (the stored pixels as they are, which is what
+  boxes of public datasets refer to), alpha dropped, palette expanded, 16-bit grey clipped to 8 bits as PIL does.
+  `decode_image` is the one decoder of the loader, `validate` and `convert`; every failure of it is a BadRow
+  ('image'), never another exception: any exception PIL raises, a format outside IMAGE_FORMATS, a zero size, and
+  more than MAX_IMAGE_PIXELS pixels, which is read off the header before any pixel is decoded.
 """
 from __future__ import annotations
 
@@ -13,10 +18,12 @@ import base64
 import binascii
 import io
 import math
+import re
+import warnings
 from typing import Optional
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
 from .tsv import BadRow
 
@@ -25,20 +32,59 @@ MEAN_05 = (0.5, 0.5, 0.5)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+MAX_IMAGE_PIXELS = 89_478_485
+"""Largest accepted width x height: PIL's default Image.MAX_IMAGE_PIXELS (a 1 GiB RGBA image / 3); an image above it
+is a bad row, whatever PIL's own (global, changeable) setting is."""
+IMAGE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP", "DIB", "WEBP", "TIFF", "PPM", "ICO", "JPEG2000",
+                           "AVIF"})
+"""Raster formats accepted inside a TSV. Others PIL can open (EPS runs Ghostscript, PSD, FITS, ...) are bad rows."""
 
-# ---- base64 -------------------------------------------------------------------------------------------------------
+
+# ---- decoding -----------------------------------------------------------------------------------------------------
+def _undecodable(e: BaseException) -> BadRow:
+    if isinstance(e, UnidentifiedImageError):  # its message holds the BytesIO's address: not reproducible
+        why = "not an image file PIL can identify"
+    else:
+        why = f"{type(e).__name__}: {str(e)[:80]}"
+    return BadRow(f"undecodable image ({why})", "image")
+
+
+def decode_image(raw: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Image file bytes -> RGB PIL image, or BadRow('image') saying why not (see the module docstring)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DecompressionBombWarning (checked below), palette-transparency notes
+        try:
+            img = Image.open(io.BytesIO(raw))
+            w, h = img.size
+        except Image.DecompressionBombError as e:  # PIL's own check, at twice its Image.MAX_IMAGE_PIXELS
+            n = re.search(r"\((\d+) pixels\)", str(e))
+            raise BadRow(f"image of {n.group(1) if n else 'too many'} pixels is over the {max_pixels}-pixel limit",
+                         "image") from None
+        except Exception as e:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, struct.error, ...)
+            raise _undecodable(e) from None
+        if img.format not in IMAGE_FORMATS:
+            raise BadRow(f"undecodable image ({img.format} is not one of the accepted formats)", "image")
+        if w < 1 or h < 1:
+            raise BadRow(f"image has zero size ({w}x{h})", "image")
+        if w * h > max_pixels:
+            raise BadRow(f"image of {w}x{h} = {w * h} pixels is over the {max_pixels}-pixel limit", "image")
+        try:
+            img.load()
+            return img.convert("RGB")
+        except Exception as e:  # noqa: BLE001 - truncated data, broken chunks, unsupported modes, MemoryError
+            raise _undecodable(e) from None
+
+
 def decode_base64_image(s: str) -> Image.Image:
-    """Standard or URL-safe base64 -> RGB PIL image (BadRow when it is not an image)."""
+    """Standard or URL-safe base64 of an image file -> RGB PIL image (BadRow('image') when it is not one)."""
     s = s.strip()
     if not s:
-        raise BadRow("empty image field")
+        raise BadRow("empty image field", "image")
     try:
         raw = base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
-        img = Image.open(io.BytesIO(raw))
-        img.load()
-    except (binascii.Error, ValueError, OSError) as e:
-        raise BadRow(f"undecodable image ({type(e).__name__}: {str(e)[:60]})") from None
-    return img.convert("RGB")
+    except (binascii.Error, ValueError) as e:  # bad padding, or a character outside ASCII
+        raise BadRow(f"undecodable image (not base64: {str(e)[:90]})", "image") from None
+    return decode_image(raw)
 
 
 def encode_base64_image(img: Image.Image, fmt: str = "JPEG", quality: int = 92, urlsafe: bool = False) -> str:
@@ -135,7 +181,7 @@ def large_scale_jitter(img, boxes: np.ndarray, out_size: int, rng: np.random.Gen
     w, h = img.size
     scaled = round(float(rng.random() * (scale_max - scale_min) + scale_min) * out_size)
     scale = min(scaled / h, scaled / w)
-    sh, sw = int(round(h * scale)), int(round(w * scale))
+    sh, sw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))  # a 1 px side of a very wide image
     img = img.resize((sw, sh), BICUBIC)
     boxes = boxes * scale
     ch, cw = min(out_size, sh), min(out_size, sw)

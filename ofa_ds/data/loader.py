@@ -11,12 +11,15 @@ Unusual points:
   steps, as OFA's per-process counter does), with a slot number that is unique over ranks and epochs.
 * Files per epoch (docs/ofa.md#sample-layout): finetuning tasks train on path (e-1) mod (n-1) and validate on the last
   path; pretraining cycles all paths. A missing or empty file fails at construction, not mid-run.
-* A bad row is skipped; its batch is smaller. An all-bad batch is yielded as {"skip": True, ...} so the batch
-  count stays aligned, and DataStream drops it. DataStream counts bad rows over all workers and raises past
+* A row is read by `task.read(fields)`, the rule `validate` applies (docs/data.md#bad-rows): a row it rejects
+  (BadRow) is skipped and its batch is smaller; no other exception is caught. An all-bad batch is yielded as
+  {"skip": True, ...} so the batch count stays aligned, and DataStream drops it. DataStream counts rows read and bad
+  rows per category over all workers (`counter`, a tsv.BadRowCounter) and raises tsv.TooManyBadRows past
   `bad_row_threshold`.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -49,23 +52,27 @@ class TaskStream(IterableDataset):
     def make_batch(self, b: int, order: np.ndarray) -> Any:
         bs = self.cfg.batch_size
         pos = self.positions[b * bs:(b + 1) * bs]
-        samples, bad = [], []
+        samples, bad = [], []  # bad: (file:line, category, reason)
+        n_read = len(pos)
         extra_fn = getattr(self.task, "v2_samples", None)
         for k, p in enumerate(pos):
             ridx = int(order[p])
             rng = np.random.default_rng([self.cfg.seed, self.epoch, ridx, int(p)])
             try:
-                out = self.task.build(self.tsv.row(ridx), ridx, rng)
-                samples.extend(out if isinstance(out, list) else [out])
+                parsed = self.task.read(self.tsv.fields(ridx))
             except BadRow as e:
-                bad.append(f"{self.tsv.where(ridx)}: {e}")
+                bad.append((self.tsv.where(ridx), e.category, str(e)))
+            else:
+                out = self.task.make(parsed, ridx, rng)
+                samples.extend(out if isinstance(out, list) else [out])
             j = b * bs + k  # index of this row in the rank's sequence: OFA's per-process row counter
             if extra_fn is not None and j % 8 == 0:
                 slot = (j // 8 + (self.epoch - 1) * (-(-len(self.positions) // 8))) * self.world + self.rank
                 more, more_bad = extra_fn(slot, np.random.default_rng([self.cfg.seed, self.epoch, slot, 0xE7, 1]))
                 samples.extend(more)
                 bad.extend(more_bad)
-        meta = {"bad_rows": bad, "rows": len(pos), "batch_index": b, "epoch": self.epoch}
+                n_read += len(more) + len(more_bad)
+        meta = {"bad_rows": bad, "rows": n_read, "batch_index": b, "epoch": self.epoch}
         if not samples:
             return {"skip": True, **meta}
         batch = self.task.collate(samples)
@@ -101,8 +108,7 @@ class DataStream:
             paths = paths if (pretrain or len(paths) == 1) else paths[:-1]
         else:
             paths = paths[-1:]
-        cols = self.task.cols
-        self.files = [TSVFile(p, cfg.index_cache_dir, cols) for p in paths]  # fails now if missing/empty
+        self.files = [TSVFile(p, cfg.index_cache_dir) for p in paths]  # fails now if missing/empty
         self.epoch, self.batch = 1, 0
         self.counter = BadRowCounter(cfg.bad_row_threshold)
 
@@ -117,12 +123,14 @@ class DataStream:
         """Batches left in the current epoch."""
         return len(self.stream())
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch, "rows": self.counter.rows, "bad": self.counter.bad}
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch": self.batch, "rows": self.counter.rows, "bad": self.counter.bad,
+                "reasons": dict(self.counter.reasons)}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
         self.counter.rows, self.counter.bad = int(state.get("rows", 0)), int(state.get("bad", 0))
+        self.counter.reasons = Counter({str(k): int(v) for k, v in state.get("reasons", {}).items()})
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.batch = epoch, 0
@@ -137,9 +145,8 @@ class DataStream:
             self.batch += 1
             bad = first.pop("bad_rows", [])
             self.counter.ok(max(first.pop("rows", 0) - len(bad), 0))
-            for msg in bad:
-                where, _, reason = msg.partition(": ")
-                self.counter.report(where, reason)
+            for where, category, reason in bad:
+                self.counter.report(where, reason, category)
             first.pop("batch_index", None)
             first.pop("epoch", None)
             if first.get("skip"):

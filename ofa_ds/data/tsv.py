@@ -8,12 +8,17 @@ Unusual points:
   takes order positions r, r+W, r+2W, ... (optionally wrapped round so all ranks get ceil(n/W) rows); its rows are
   cut into batches and batch b goes to DataLoader worker b mod n_workers, which is the order in which PyTorch's
   DataLoader hands worker outputs back. The resumable state is therefore just (epoch, batches consumed).
+* Lines are split on b"\n" only (a final line without one counts; an empty line is a row, and a bad one). One
+  trailing "\r" (CRLF files) and a UTF-8 byte-order mark at the start of the file are dropped; any other byte that
+  is not UTF-8 makes the row bad. `split_line` is the one place that turns bytes into fields, for the loader and for
+  `validate` alike (docs/data.md#bad-rows).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+from collections import Counter
 from typing import Optional, Sequence
 
 import numpy as np
@@ -24,8 +29,49 @@ _CHUNK = 8 << 20
 _IDX_MAGIC = 0x0FA1D8
 
 
+CATEGORIES = {
+    "encoding": "the line is not UTF-8",
+    "columns": "wrong number of tab-separated columns (an empty line, an extra or a missing tab)",
+    "id": "an empty id column",
+    "text": "an empty or unusable text column (caption, question, expression, sentence, dataset name, type)",
+    "objects": "an '&&'-joined object list with an empty item",
+    "answer": "a VQA answer that is not conf|!+answer with a confidence in [0, 1]",
+    "label": "a label outside the task's set, or not a 1-based integer (ImageNet)",
+    "box": "a box that is not x0,y0,x1,y1 inside the image, or a detection item that is not box,cat_id,name",
+    "codes": "image codes that are not integers in 0..8191",
+    "image": "an image that does not decode (base64, format, truncated, zero size, over the pixel limit)",
+}
+"""Short category of every BadRow (what `BadRowCounter.reasons` counts) -> what it means."""
+
+
 class BadRow(ValueError):
-    """A malformed row (wrong column count, undecodable image, bad box...). Carries a human-readable reason."""
+    """A malformed row. str(e) is the full human-readable reason; `category` is one of CATEGORIES."""
+
+    def __init__(self, reason: str, category: str = "columns"):
+        super().__init__(reason)
+        self.category = category
+
+    def __reduce__(self):
+        return BadRow, (str(self), self.category)
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def split_line(raw: bytes, first: bool = False) -> list[str]:
+    """One line's bytes (with or without its terminator) -> its tab-separated fields; `first` marks the file's first
+    line (a UTF-8 byte-order mark is dropped there). BadRow('encoding') when the bytes are not UTF-8."""
+    if raw.endswith(b"\n"):
+        raw = raw[:-1]
+    if raw.endswith(b"\r"):
+        raw = raw[:-1]
+    if first and raw.startswith(_BOM):
+        raw = raw[len(_BOM):]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRow(f"not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start} of the line)", "encoding") from None
+    return text.split("\t")
 
 
 def _cache_path(path: str, cache_dir: str) -> str:
@@ -93,19 +139,27 @@ class TSVFile:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def line(self, i: int) -> str:
-        """Row i as text without the line terminator."""
+    def raw(self, i: int) -> bytes:
+        """Row i's bytes, line terminator included."""
         if self._pid != os.getpid() or self._fh is None:
             self._fh = open(self.path, "rb")
             self._pid = os.getpid()
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         self._fh.seek(a)
-        raw = self._fh.read(b - a)
-        return raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        return self._fh.read(b - a)
+
+    def fields(self, i: int) -> list[str]:
+        """All columns of row i (`split_line`: BadRow when it is not UTF-8)."""
+        return split_line(self.raw(i), first=i == 0)
+
+    def line(self, i: int) -> str:
+        """Row i as text without the line terminator."""
+        return "\t".join(self.fields(i))
 
     def row(self, i: int) -> list[str]:
-        """Row i split on tabs, with `selected_cols` applied (BadRow if a selected column is missing)."""
-        fields = self.line(i).split("\t")
+        """Row i split on tabs, with `selected_cols` applied (BadRow if a selected column is missing). The loader
+        selects through its task instead (`Task.select`), which also checks the columns it does not read."""
+        fields = self.fields(i)
         if self.selected_cols is None:
             return fields
         try:
@@ -148,24 +202,42 @@ def worker_batches(n_batches: int, start: int, worker: int, n_workers: int) -> r
     return range(start + worker, n_batches, n_workers)
 
 
+class TooManyBadRows(RuntimeError):
+    """More than `bad_row_threshold` of the rows read were bad. `where` is the last bad row's file:line, `share`
+    the bad fraction, `reasons` the bad rows per category."""
+
+    def __init__(self, message: str, where: str, share: float, reasons: Counter):
+        super().__init__(message)
+        self.where, self.share, self.reasons = where, share, Counter(reasons)
+
+    def __reduce__(self):
+        return TooManyBadRows, (str(self), self.where, self.share, self.reasons)
+
+
 class BadRowCounter:
-    """Counts malformed rows, logs each file:line once, and raises past the threshold fraction."""
+    """Counts rows read and bad rows (`bad`, and per category in `reasons`), logs each file:line once, and raises
+    TooManyBadRows past the threshold fraction (checked once `min_rows` rows were read)."""
 
     def __init__(self, threshold: float, min_rows: int = 100):
         self.threshold = threshold
         self.min_rows = min_rows
         self.rows = 0
         self.bad = 0
+        self.reasons: Counter = Counter()
         self.seen: set[str] = set()
         self.examples: list[str] = []
+        self.last = ""
+        self.last_where = ""
 
     def ok(self, n: int = 1) -> None:
         self.rows += n
 
-    def report(self, where: str, reason: str) -> None:
+    def report(self, where: str, reason: str, category: str = "columns") -> None:
         self.rows += 1
         self.bad += 1
+        self.reasons[category] += 1
         msg = f"{where}: {reason}"
+        self.last, self.last_where = msg, where
         if where not in self.seen:
             self.seen.add(where)
             log.warning("skipping bad row %s", msg)
@@ -173,8 +245,14 @@ class BadRowCounter:
                 self.examples.append(msg)
         self.check()
 
+    def by_reason(self) -> str:
+        """'image 3, columns 1' (most frequent first)."""
+        return ", ".join(f"{k} {v}" for k, v in sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+
     def check(self) -> None:
         if self.rows >= self.min_rows and self.bad > self.threshold * self.rows:
-            raise RuntimeError(
-                f"too many bad rows: {self.bad} of {self.rows} ({self.bad / self.rows:.2%}) exceed the threshold "
-                f"{self.threshold:.2%}; first ones:\n  " + "\n  ".join(self.examples))
+            share = self.bad / self.rows
+            raise TooManyBadRows(
+                f"too many bad rows: {self.bad} of {self.rows} rows read ({share:.2%}) were bad, over "
+                f"bad_row_threshold {self.threshold:.2%}; by reason: {self.by_reason()}; last one {self.last}",
+                self.last_where, share, self.reasons)

@@ -3,8 +3,9 @@
 20); eval targets are the '&&'-joined stripped references, also returned as `captions` (list of lists) for CIDEr."""
 from __future__ import annotations
 
+from ..images import decode_base64_image
 from ..text import strip_punct_words
-from .base import Task
+from .base import Task, need_caption, need_id
 
 PROMPT = " what does the image describe?"
 
@@ -12,14 +13,22 @@ PROMPT = " what does the image describe?"
 class CaptionTask(Task):
     name = "caption"
     num_fields = 3
+    layout = (("uniq-id", "id"), ("image-id", "id"), ("caption", "field"), ("object labels", "objects"),
+              ("image", "field"))
+    official_cols = ((0, 4, 2), (1, 4, 2))
 
     @property
     def default_cols(self):
         return [0, 4, 2] if self.train else [1, 4, 2]
 
-    def build(self, row, sid, rng):
+    def parse(self, row):
         uniq_id, image, caption = self.fields(row)
-        img = self.square_image(image)
+        need_id(uniq_id, "uniq-id" if self.train else "image-id")
+        need_caption(caption)
+        return uniq_id, decode_base64_image(image), caption
+
+    def make(self, parsed, sid, rng):
+        uniq_id, img, caption = parsed
         if self.train:
             tgt = strip_punct_words(caption, self.cfg.max_tgt_length)
             refs = [tgt]
@@ -27,8 +36,5 @@ class CaptionTask(Task):
             caption = " ".join(caption.strip().split())
             refs = [strip_punct_words(c) for c in caption.split("&&")]
             tgt = "&&".join(refs)
-        if not tgt.strip("& "):
-            from ..tsv import BadRow
-            raise BadRow("empty caption")
-        return self.std_sample(sid, self.enc(PROMPT), self.enc(" " + tgt), image=img, patch_mask=True,
-                               extras={"uniq_id": uniq_id, "captions": refs})
+        return self.std_sample(sid, self.enc(PROMPT), self.enc(" " + tgt), image=self.square_image(img),
+                               patch_mask=True, extras={"uniq_id": uniq_id, "captions": refs})

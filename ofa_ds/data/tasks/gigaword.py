@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from ..collate import Sample
 from ..text import pre_caption
-from ..tsv import BadRow
-from .base import Task
+from .base import Task, need_text
 
 
 class GigawordTask(Task):
@@ -14,14 +13,19 @@ class GigawordTask(Task):
     default_cols = [0, 1]
     num_fields = 2
     has_images = False
+    layout = (("article", "field"), ("summary", "field"))
 
-    def build(self, row, sid, rng):
+    def parse(self, row):
         source, target = self.fields(row)
+        need_text(source, "article")
+        need_text(target, "summary")
+        return source, target
+
+    def make(self, parsed, sid, rng):
+        source, target = parsed
         target_str = target.lower()
         src = pre_caption(source, self.cfg.max_src_length).replace("<unk>", "unk")
         tgt = pre_caption(target, self.cfg.max_tgt_length).replace("<unk>", "unk")
-        if not src or not tgt:
-            raise BadRow("empty article or summary")
         src_ids = self.enc(f' what is the summary of article " {src} "?', max_len=self.cfg.max_src_length)
         tgt_ids = self.enc(tgt)
         noisy = list(tgt_ids)

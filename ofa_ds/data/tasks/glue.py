@@ -4,6 +4,8 @@ Layout (OFA's GLUE datasets, recipes use prompt_type 'src'): src = bos + prompt 
 src[:-1] ('prev_output') or [bos] ('none'); the target is prev shifted left plus the single label token, with every
 position but the last set to pad. The constraint row of the last position allows the first token of each
 candidate label; all other rows are False.
+A file has max(selected_cols) + 1 columns (QQP: id, qid1, qid2, question1, question2, label; RTE and QNLI start with
+an index); the leading columns the task does not read must exist but are not checked further.
 """
 from __future__ import annotations
 
@@ -37,16 +39,26 @@ class GlueTask(Task):
         super().__init__(cfg, split, tokenizer)
         self.default_cols = list(self.spec[0])
         self.num_fields = self.spec[1] + 1
+        n = max(self.default_cols) + 1
+        self.layout = tuple((f"column {c}", "field" if c in self.default_cols else "unread") for c in range(n))
         self.answers = sorted(set(self.spec[3].values()))
         self.trie = build_trie(self.tok, self.answers)
 
-    def build(self, row, sid, rng):
-        _, n, prompt, labels = self.spec
+    def parse(self, row):
+        n, labels = self.spec[1], self.spec[3]
         fields = self.fields(row)
         label = fields[-1].strip()
         if label not in labels:
-            raise BadRow(f"unknown label {label[:30]!r}")
-        sents = [" ".join(s.lower().strip().split()[: self.cfg.max_src_length]) for s in fields[:n]]
+            raise BadRow(f"unknown label {label[:30]!r}", "label")
+        for k, s in enumerate(fields[:n]):
+            if not s.strip():
+                raise BadRow(f"empty sentence {k + 1}", "text")
+        return fields[:n], label
+
+    def make(self, parsed, sid, rng):
+        prompt, labels = self.spec[2], self.spec[3]
+        texts, label = parsed
+        sents = [" ".join(s.lower().strip().split()[: self.cfg.max_src_length]) for s in texts]
         src = self.wrap(self.enc(prompt.format(*sents)))
         ans = self.enc(" " + labels[label])
         pt = self.cfg.prompt_type

@@ -4,23 +4,24 @@ batch carries a zero image with patch_masks False (kept so every rank runs the s
 from __future__ import annotations
 
 from ..text import pre_caption
-from ..tsv import BadRow
-from .base import Task
+from .base import Task, need_id, need_text, parse_codes
 
 
 class ImageGenTask(Task):
     name = "image_gen"
     default_cols = [0, 2, 1]
     num_fields = 3
+    layout = (("uniq-id", "field"), ("image codes", "field"), ("caption", "field"))
 
-    def build(self, row, sid, rng):
+    def parse(self, row):
         uniq_id, caption, code = self.fields(row)  # file order id, codes, caption; selected 0,2,1
-        try:
-            codes = [int(c) for c in code.split()]
-        except ValueError:
-            raise BadRow("image codes are not integers") from None
-        if not codes or min(codes) < 0 or max(codes) >= 8192:
-            raise BadRow("image codes missing or outside 0..8191")
+        need_id(uniq_id)
+        codes = parse_codes(code)
+        need_text(caption, "caption")
+        return uniq_id, caption, codes
+
+    def make(self, parsed, sid, rng):
+        uniq_id, caption, codes = parsed
         cap = pre_caption(caption, self.cfg.max_src_length)
         ids = [self.tok.code_offset + c for c in codes]
         return self.std_sample(sid, self.enc(f" what is the complete image? caption: {cap}"), ids, code_mask=True,

@@ -21,6 +21,7 @@ class ImageNetTask(Task):
     name = "imagenet"
     default_cols = [0, 2]
     num_fields = 2
+    layout = (("image", "field"), ("label", "label1"), ("synset words", "field"))
 
     def __init__(self, cfg, split="train", tokenizer=None):
         super().__init__(cfg, split, tokenizer)
@@ -29,12 +30,15 @@ class ImageNetTask(Task):
         imnet = cfg.imagenet_default_mean_and_std
         self.mean, self.std = (IMAGENET_MEAN, IMAGENET_STD) if imnet else (MEAN_05, MEAN_05)
 
-    def build(self, row, sid, rng):
+    def parse(self, row):
         image, name = self.fields(row)
         name = name.strip()
         if not name:
-            raise BadRow("empty class name")
-        img = decode_base64_image(image)
+            raise BadRow("empty class name", "text")
+        return decode_base64_image(image), name
+
+    def make(self, parsed, sid, rng):
+        img, name = parsed
         s = self.cfg.patch_image_size
         if self.train and self.cfg.augment:
             img = random_resized_crop(img, s, rng)

@@ -10,11 +10,15 @@ Unusual points:
   (384..480 for S=384), long side clamped to 1.75*S (672); v2 images are v2_image_size (OFA 256). Boxes are always
   quantised against max_image_size (512), so pretraining bins stay below ~S/512 of the range, as in OFA.
 * Collation returns (v1_batch, v2_batch) when the batch holds v2 samples, else v1_batch alone.
+* The extras files follow the same rule for bad data as the main file: `read_extra(kind, fields)` checks a whole
+  line (exact column count, ids, texts, codes, boxes inside the image, the image) and is what `validate --task
+  pretrain_text|pretrain_image|pretrain_detection` runs; a bad extras row is counted and skipped like any other.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 
@@ -23,8 +27,13 @@ from ..images import (center_crop, decode_base64_image, hflip, large_scale_jitte
                       random_resize, resize_exact, to_tensor)
 from ..text import pre_caption, pre_question, span_mask
 from ..tsv import BadRow, TSVFile
-from .base import Task, parse_answers, parse_box
+from .base import Task, box_inside, check_objects, need_id, need_text, parse_answers, parse_box, parse_codes
 from .refcoco import box_bins
+
+VL_TYPES = ("caption", "qa", "visual_grounding")
+EXTRA_LAYOUTS = {"text": ("uniq-id", "text"), "image": ("uniq-id", "image", "codes"),
+                 "detection": ("uniq-id", "image", "boxes")}
+"""Columns of text_examples.tsv, image_examples.tsv and detection_examples.tsv."""
 
 P_CAPTION = " what does the image describe?"
 P_ITM = ' does the image describe " {} "?'
@@ -40,6 +49,8 @@ class PretrainTask(Task):
     name = "pretrain"
     default_cols = [0, 1, 2, 3, 4, 5, 6, 7]
     num_fields = 8
+    layout = tuple((n, "field") for n in ("uniq-id", "image", "caption", "question", "refs", "gt_objects",
+                                          "dataset_name", "type"))
 
     def __init__(self, cfg, split="train", tokenizer=None):
         super().__init__(cfg, split, tokenizer)
@@ -98,9 +109,28 @@ class PretrainTask(Task):
     def _s(self, sid, src, ans, image, conf=1.0, extras=None):
         return self.std_sample(sid, src, ans, image=image, patch_mask=True, conf=conf, extras=extras or {})
 
-    def build(self, row, sid, rng):
+    def parse(self, row):
         uniq_id, image, caption, question, refs, gt_objects, dataset_name, typ = self.fields(row)
+        need_id(uniq_id)
+        if typ not in VL_TYPES:
+            raise BadRow(f"unknown vision-language type {typ[:30]!r}", "text")
+        need_text(dataset_name, "dataset_name")
+        check_objects(gt_objects, "gt_objects")
+        ref, box = None, None
+        if typ == "qa":
+            need_text(question, "question", pre_question)
+            ref = {a: c for c, a in parse_answers(refs)}
+        else:
+            need_text(caption, "caption" if typ == "caption" else "expression")
+            if typ == "visual_grounding":
+                box = parse_box(refs)
         img = decode_base64_image(image)
+        if box is not None:
+            box_inside(box, img, refs)
+        return img, caption, question, ref, box, gt_objects, dataset_name, typ
+
+    def make(self, parsed, sid, rng):
+        img, caption, question, ref, box, gt_objects, dataset_name, typ = parsed
         mx, mw = self.cfg.max_src_length, self.cfg.max_tgt_length
         yes, no = self.enc(" yes"), self.enc(" no")
         if typ == "caption":
@@ -119,7 +149,6 @@ class PretrainTask(Task):
         if typ == "qa":
             x = self._v1_image(img, rng)
             q = pre_question(question, mx)
-            ref = {a: c for c, a in parse_answers(refs)}
             answer = max(ref, key=ref.get)
             conf = ref[answer]
             out = [self._s(sid, self.enc(" " + q), self.enc(" " + answer), x, conf)]
@@ -130,21 +159,43 @@ class PretrainTask(Task):
                     neg = self.negative_answer(answer, conf, rng)
                     out.append(self._s(sid, self.enc(P_VQA_ITM.format(q, neg)), no, x, conf))
             return out
-        if typ == "visual_grounding":
-            box = parse_box(refs)
-            img, boxes = random_resize(img, box, self.scales, self.max_size, rng)
-            img, boxes = object_center_crop(img, boxes, self.cfg.patch_image_size)
-            bins = [self.tok.bin_offset + b for b in box_bins(boxes[0], self.cfg.max_image_size, self.cfg.num_bins)]
-            x = to_tensor(img)
-            return [self._s(sid, self.enc(P_GROUND.format(pre_caption(caption, mx))), bins, x),
-                    self._s(sid, self.enc(P_GCAP) + bins, self.enc(" " + pre_caption(caption, mw)), x)]
-        raise BadRow(f"unknown vision-language type {typ[:30]!r}")
+        img, boxes = random_resize(img, box, self.scales, self.max_size, rng)  # visual_grounding
+        img, boxes = object_center_crop(img, boxes, self.cfg.patch_image_size)
+        bins = [self.tok.bin_offset + b for b in box_bins(boxes[0], self.cfg.max_image_size, self.cfg.num_bins)]
+        x = to_tensor(img)
+        return [self._s(sid, self.enc(P_GROUND.format(pre_caption(caption, mx))), bins, x),
+                self._s(sid, self.enc(P_GCAP) + bins, self.enc(" " + pre_caption(caption, mw)), x)]
 
     # ---- v2 extras -------------------------------------------------------------------------------------------------
+    def read_extra(self, kind: str, fields: list[str]):
+        """A whole line of an extras file ('text', 'image' or 'detection') -> parsed row, or BadRow."""
+        names = EXTRA_LAYOUTS[kind]
+        if len(fields) == 1 and not fields[0].strip():
+            raise BadRow("empty line", "columns")
+        if len(fields) != len(names):
+            raise BadRow(f"has {len(fields)} columns, a {kind}_examples row has {len(names)} ({', '.join(names)})",
+                         "columns")
+        need_id(fields[0])
+        if kind == "text":
+            return need_text(fields[1], "text", lambda t, n: t.strip())
+        if kind == "image":
+            codes = parse_codes(fields[2])
+            return decode_base64_image(fields[1]), codes
+        boxes, names_, texts = [], [], []
+        for item in fields[2].strip().split("&&"):
+            parts = item.strip().split(",", 5)
+            if len(parts) != 6 or not re.fullmatch(r"\s*[0-9]+\s*", parts[4]) or not parts[5].strip():
+                raise BadRow(f"bad detection item {item[:40]!r} (expected x0,y0,x1,y1,cat_id,name)", "box")
+            boxes.append(parse_box(",".join(parts[:4])))
+            names_.append(parts[5])
+            texts.append(",".join(parts[:4]))
+        img = decode_base64_image(fields[1])
+        for b, t in zip(boxes, texts):
+            box_inside(b, img, t)
+        return img, np.concatenate(boxes).astype(np.float64), names_
+
     def text_sample(self, sid: int, text: str, rng) -> Sample:
         ids = self.enc(" " + text.lower(), max_len=512)[-256:]
-        if not ids:
-            raise BadRow("empty text")
         full = [self.bos] + ids + [self.eos]
         masked = span_mask(full, self.tok.is_word_start(full), self.cfg.mask_ratio, self.cfg.poisson_lambda,
                            self.tok.mask, rng)
@@ -154,35 +205,18 @@ class PretrainTask(Task):
         return Sample(id=sid, source=self.wrap(src), target=ids + [self.eos], prev=[self.bos] + ids,
                       image=np.zeros((3, v, v), np.float32), patch_mask=False, conf=2.0, v2=True)
 
-    def image_sample(self, sid: int, row: list[str]) -> Sample:
-        if len(row) != 3:
-            raise BadRow(f"image_examples row needs 3 columns, got {len(row)}")
+    def image_sample(self, sid: int, parsed) -> Sample:
+        img, codes = parsed
         v = self.cfg.v2_image_size
-        img, _ = resize_exact(decode_base64_image(row[1]), v, v)
+        img, _ = resize_exact(img, v, v)
         x = to_tensor(img)
         x[:, v // 4: 3 * v // 4, v // 4: 3 * v // 4] = 0
-        try:
-            codes = [int(c) for c in row[2].split()]
-        except ValueError:
-            raise BadRow("image codes are not integers") from None
-        if not codes or min(codes) < 0 or max(codes) >= 8192:
-            raise BadRow("image codes outside 0..8191")
         ids = [self.tok.code_offset + c for c in codes]
         return Sample(id=sid, source=self.wrap(self.enc(P_IMAGE)), target=ids + [self.eos], prev=[self.bos] + ids,
                       image=x, patch_mask=True, code_mask=True, conf=2.0, v2=True)
 
-    def detection_sample(self, sid: int, row: list[str], rng) -> Sample:
-        if len(row) != 3:
-            raise BadRow(f"detection_examples row needs 3 columns, got {len(row)}")
-        boxes, names = [], []
-        for item in row[2].strip().split("&&"):
-            parts = item.strip().split(",", 5)
-            if len(parts) != 6:
-                raise BadRow(f"bad detection box {item[:40]!r}")
-            boxes.append(parse_box(",".join(parts[:4]))[0])
-            names.append(parts[5])
-        img = decode_base64_image(row[1])
-        b = np.asarray(boxes, dtype=np.float64)
+    def detection_sample(self, sid: int, parsed, rng) -> Sample:
+        img, b, names = parsed
         if rng.random() < 0.5:
             img, b = hflip(img, b)
         img, b, keep = large_scale_jitter(img, b, self.cfg.v2_image_size, rng)
@@ -194,8 +228,16 @@ class PretrainTask(Task):
         return Sample(id=sid, source=self.wrap(self.enc(P_DET)), target=tgt + [self.eos], prev=[self.bos] + tgt,
                       image=to_tensor(img), patch_mask=True, conf=2.0, v2=True)
 
+    def extra_sample(self, kind: str, sid: int, parsed, rng) -> Sample:
+        if kind == "text":
+            return self.text_sample(sid, parsed, rng)
+        if kind == "image":
+            return self.image_sample(sid, parsed)
+        return self.detection_sample(sid, parsed, rng)
+
     def v2_samples(self, slot: int, rng):
-        """Extras for extras-slot `slot` (train split only): (samples, bad-row messages). Slot k reads text rows
+        """Extras for extras-slot `slot` (train split only): (samples, bad rows as (file:line, category, reason)).
+        Every row read gives one of them. Slot k reads text rows
         2k and 2k+1, image row k and detection row k (modulo the file lengths)."""
         if not self.train:
             return [], []
@@ -212,17 +254,11 @@ class PretrainTask(Task):
             f = self.extra[kind]
             i = j % len(f)
             try:
-                row = f.line(i).split("\t")
-                if kind == "text":
-                    if len(row) < 2:
-                        raise BadRow("text_examples row needs 2 columns")
-                    out.append(self.text_sample(i, row[1], rng))
-                elif kind == "image":
-                    out.append(self.image_sample(i, row))
-                else:
-                    out.append(self.detection_sample(i, row, rng))
+                parsed = self.read_extra(kind, f.fields(i))
             except BadRow as e:
-                bad.append(f"{f.where(i)}: {e}")
+                bad.append((f.where(i), e.category, str(e)))
+                continue
+            out.append(self.extra_sample(kind, i, parsed, rng))
         return out, bad
 
     def collate(self, samples):

@@ -2,40 +2,45 @@
 "x0,y0,x1,y1" (original pixels), image; selected 0,4,2,3. The image is squashed to patch_image_size x patch_image_size
 (RandomResize([S], max_size=S) with OFA's per-side clamp), the box scaled per axis and quantised against
 max_image_size (docs/ofa.md#box-coordinates). Extras for evaluation: w_resize_ratios, h_resize_ratios,
-region_coords (original pixels)."""
+region_coords (original pixels).
+
+A box must end inside the image (1 pixel of tolerance); its bins are clamped to 0..num_bins-1 like
+tokenizer.bin_index, so whether a row is good never depends on patch_image_size or max_image_size."""
 from __future__ import annotations
 
 import numpy as np
 
 from ..images import decode_base64_image, random_resize, to_tensor
 from ..text import pre_caption
-from ..tsv import BadRow
-from .base import Task, parse_box
+from .base import Task, box_inside, need_id, need_text, parse_box
 
 
 def box_bins(box, max_image_size: int, num_bins: int) -> list[int]:
-    """Bin indices of a resized-image box (x0, y0, x1, y1)."""
-    return [int(round(float(v) / max_image_size * (num_bins - 1))) for v in box]
+    """Bin indices of a resized-image box (x0, y0, x1, y1), clamped to the bin range."""
+    return [min(max(int(round(float(v) / max_image_size * (num_bins - 1))), 0), num_bins - 1) for v in box]
 
 
 class RefcocoTask(Task):
     name = "refcoco"
     default_cols = [0, 4, 2, 3]
     num_fields = 4
+    layout = (("uniq-id", "id"), ("image-id", "id"), ("text", "field"), ("region", "field"), ("image", "field"))
 
     def bin_ids(self, box) -> list[int]:
-        bins = box_bins(box, self.cfg.max_image_size, self.cfg.num_bins)
-        if min(bins) < 0 or max(bins) >= self.cfg.num_bins:
-            raise BadRow(f"box {list(np.round(box, 1))} falls outside the {self.cfg.num_bins} bins")
-        return [self.tok.bin_offset + b for b in bins]
+        return [self.tok.bin_offset + b for b in box_bins(box, self.cfg.max_image_size, self.cfg.num_bins)]
 
-    def build(self, row, sid, rng):
+    def parse(self, row):
         uniq_id, image, text, region = self.fields(row)
+        need_id(uniq_id)
+        need_text(text, "text")
         box = parse_box(region)
         img = decode_base64_image(image)
+        box_inside(box, img, region)
+        return uniq_id, img, text, box
+
+    def make(self, parsed, sid, rng):
+        uniq_id, img, text, box = parsed
         w, h = img.size
-        if box[0, 2] > w + 1 or box[0, 3] > h + 1:
-            raise BadRow(f"box {region.strip()} outside the {w}x{h} image")
         s = self.cfg.patch_image_size
         img, boxes = random_resize(img, box, [s], s, rng)
         rw, rh = img.size

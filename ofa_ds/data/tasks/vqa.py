@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import Optional
 
 from ..collate import Sample
+from ..images import decode_base64_image
 from ..text import build_trie, constraint_rows, load_candidates, pre_question
 from ..tsv import BadRow
-from .base import Task, parse_answers
+from .base import Task, check_objects, need_id, need_text, parse_answers
 
 
 def prompt_layout(task: Task, sid: int, src: list[int], ans: list[int], prompt_type: str, trie, **kw) -> Sample:
@@ -40,22 +41,29 @@ def prompt_layout(task: Task, sid: int, src: list[int], ans: list[int], prompt_t
 class VQATask(Task):
     name = "vqa"
     default_cols = [0, 5, 2, 3, 4]
+    layout = (("question-id", "id"), ("image-id", "id"), ("question", "field"), ("answers", "field"),
+              ("object labels", "field"), ("image", "field"))
 
     def __init__(self, cfg, split="train", tokenizer=None):
         super().__init__(cfg, split, tokenizer)
         self.ans2label: Optional[dict[str, int]] = load_candidates(cfg.ans2label_file) if cfg.ans2label_file else None
         self.trie = build_trie(self.tok, self.ans2label) if self.ans2label else None
 
-    def build(self, row, sid, rng):
+    def parse(self, row):
         if len(row) not in (5, 6):
             raise BadRow(f"expected 5 columns after selection, got {len(row)}")
         uniq_id, image, question, answers, objects = row[:5]
-        img = self.square_image(image)
-        q = pre_question(question, self.cfg.max_src_length)
-        if not q:
-            raise BadRow("empty question")
-        q = q if q.endswith("?") else q + "?"
+        need_id(uniq_id, "question-id")
+        need_text(question, "question", pre_question)
         ref = {a: c for c, a in parse_answers(answers)}
+        check_objects(objects)
+        return uniq_id, decode_base64_image(image), question, ref, objects
+
+    def make(self, parsed, sid, rng):
+        uniq_id, img, question, ref, objects = parsed
+        img = self.square_image(img)
+        q = pre_question(question, self.cfg.max_src_length)
+        q = q if q.endswith("?") else q + "?"
         answer = max(ref, key=ref.get)
         src = self.enc(" " + q)
         if self.cfg.add_object and objects.strip():
