@@ -10,13 +10,13 @@ Rules they all follow:
     (the loader refuses empty files); the summary still lists it with 0 rows.
   * A record that cannot become a valid row is skipped with a short reason (`Skip`); `ImportStats` counts rows
     written per file and skips per reason, and the summary names both.
-  * Images are embedded as base64 of their original bytes when they decode and need no resizing; with `max_side`
-    a larger image is shrunk (aspect kept, JPEG quality 95) and the caller scales its boxes by the returned factors.
+  * Images are embedded as base64 of their original bytes when they decode (with the training loader's decoder, so
+    no embedded image is a bad row later) and need no resizing; with `max_side` a larger image is shrunk (aspect
+    kept, JPEG quality 95) and the caller scales its boxes by the returned factors.
 """
 from __future__ import annotations
 
 import base64
-import io
 import os
 import pickle
 import sys
@@ -26,7 +26,8 @@ from typing import Any, Iterable, Iterator, Optional
 
 from PIL import Image
 
-from ..images import encode_base64_image
+from ..images import decode_image, encode_base64_image
+from ..tsv import BadRow
 
 
 class Skip(Exception):
@@ -117,17 +118,14 @@ def embed_image(path: str, max_side: Optional[int] = None) -> EmbeddedImage:
     except OSError as e:
         raise Skip("image unreadable", f"{path} ({e.strerror})") from None
     try:
-        img = Image.open(io.BytesIO(raw))
-        img.load()
-    except Exception as e:          # noqa: BLE001 - PIL raises many types (OSError, ValueError, bomb errors, ...)
-        raise Skip("image unreadable", f"{path} ({type(e).__name__}: {str(e)[:60]})") from None
+        img = decode_image(raw)          # the loader's own decoder: whatever it refuses is never embedded
+    except BadRow as e:
+        raise Skip("image unreadable", f"{path} ({e})") from None
     w, h = img.size
-    if w < 1 or h < 1:
-        raise Skip("image unreadable", f"{path} (size {w}x{h})")
     if max_side and max(w, h) > max_side:
         s = max_side / max(w, h)
         nw, nh = max(1, round(w * s)), max(1, round(h * s))
-        small = img.convert("RGB").resize((nw, nh), Image.BICUBIC)
+        small = img.resize((nw, nh), Image.BICUBIC)
         return EmbeddedImage(encode_base64_image(small, quality=95), nw / w, nh / h, nw, nh)
     return EmbeddedImage(base64.b64encode(raw).decode("ascii"), 1.0, 1.0, w, h)
 
