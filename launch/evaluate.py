@@ -27,6 +27,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from ofa_ds.config import ModelConfig, preset  # noqa: E402
+from ofa_ds.training.faults import RunFault, check_readable, describe, write_failure  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -45,7 +46,7 @@ def _config_near(path: str, preset_name: str | None) -> ModelConfig:
                     return ModelConfig.from_dict(meta[key], where=cfg_file)
     if preset_name:
         return preset(preset_name)
-    raise SystemExit(f"error: {path}: no config.json with the model config next to it; pass --preset")
+    raise RunFault(f"{path}: no config.json with the model config next to it; pass --preset", status=2)
 
 
 def load_model(path: str, ema: bool = False, preset_name: str | None = None):
@@ -66,7 +67,8 @@ def load_model(path: str, ema: bool = False, preset_name: str | None = None):
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if [k for k in missing if "embed_tokens" not in k and "output_projection" not in k] or unexpected:
-            raise SystemExit(f"error: {path}: missing {missing[:5]} unexpected {unexpected[:5]}")
+            raise RunFault(f"{path}: does not match the model of its config.json (missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]})", status=2)
         return model.eval()
     if os.path.isfile(path):
         try:
@@ -78,12 +80,16 @@ def load_model(path: str, ema: bool = False, preset_name: str | None = None):
         if ckpt is not None:
             state = ckpt["model"]
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:           # noqa: BLE001 (torch raises many types for a file it cannot read)
+                raise RunFault(f"{path}: not a checkpoint torch.load can read ({type(e).__name__})",
+                               status=2) from None
             state = obj.get("module", obj.get("model", obj)) if isinstance(obj, dict) else obj
         model = OFAModel(_config_near(path, preset_name))
         load_state_strict(model, state, path)
         return model.eval()
-    raise SystemExit(f"error: {path}: not a checkpoint file or folder")
+    raise RunFault(f"{path}: not a checkpoint file or folder", status=2)
 
 
 # ---- distributed ----------------------------------------------------------------------------------------------------
@@ -142,7 +148,26 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    """Evaluate; a fault (a missing or unreadable --checkpoint / --data / --ans2label, a checkpoint that does not
+    load, an output folder that cannot be written) ends in one line `error: ...` and exit status 2 (1 for faults met
+    while running, e.g. a full disk)."""
     args = parse_args(argv)
+    try:
+        return evaluate(args)
+    except Exception as e:                       # noqa: BLE001 (unknown ones are re-raised)
+        fault = describe(e)
+        if fault is None:
+            raise
+        if fault.should_print():
+            print(f"error: {fault.line()}", file=sys.stderr, flush=True)
+        return fault.status
+
+
+def evaluate(args) -> int:
+    check_readable(args.checkpoint, "checkpoint")
+    check_readable(args.data.split(",")[-1], "data file")
+    if args.ans2label:
+        check_readable(args.ans2label, "answer list (--ans2label)")
     rank, world = init_dist()
     from ofa_ds.data import DataConfig, DataStream
     from ofa_ds.metrics.tasks import GLUE, make_evaluator
@@ -197,11 +222,14 @@ def main(argv=None) -> int:
                     "samples_per_s": round(sum(t["samples"] for t in timing) / max(max(t["seconds"] for t in timing),
                                                                                   1e-9), 3)})
     out = args.out or f"eval_{args.task}"
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "predictions.json"), "w") as f:
-        json.dump(all_records, f, indent=1)
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "predictions.json"), "w") as f:
+            json.dump(all_records, f, indent=1)
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+    except OSError as e:
+        raise write_failure(e, out, f"writing the results to {out}") from e
     log(f"{len(all_records)} samples in {seconds:.1f}s; wrote {out}/predictions.json and metrics.json")
     print(json.dumps(metrics), flush=True)
     return 0

@@ -4,10 +4,14 @@ leaves a half-written checkpoint that looks complete.
 `<ckpt>/<tag>/` is written by DeepSpeed (save_latest=False) plus one `client_rank<r>.pt` per rank (data position, RNG
 states, step); only when every rank has finished does rank 0 write `<tag>/COMPLETE` and then replace `<ckpt>/latest`
 atomically (write + fsync + rename). A crash mid-save therefore leaves `latest` pointing at the previous complete
-checkpoint; `find_resume_tag` also ignores any tag without COMPLETE.
+checkpoint; `find_resume_tag` also ignores any tag without COMPLETE. A save that fails (a full disk: torch reports it
+as "basic_ios::clear: iostream error" or "unexpected pos ...") raises a one-line RunFault naming the cause, the
+checkpoint and the last complete one (`training/faults.py`); a resume whose checkpoint holds another model than the
+run builds names the model fields that differ (`resume_failure`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -16,6 +20,17 @@ import shutil
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from ofa_ds.training.faults import RunFault, write_failure
+
+SHAPE_ERRORS = ("size mismatch", "Missing key", "Unexpected key", "shape mismatch", "does not match",
+                "must match the size")          # what torch / DeepSpeed (ZeRO-3: flat partitions) say on other shapes
+READ_ERRORS = ("PytorchStreamReader", "central directory", "unpickling", "EOF", "corrupt", "truncated")
+
+RUN_OWN_MODEL_FIELDS = ("dropout", "attention_dropout", "activation_dropout", "encoder_drop_path_rate",
+                        "decoder_drop_path_rate", "resnet_drop_path_rate", "kernel_backend", "frozen_bn")
+"""Model settings a run may change on --resume or take from itself with --init: they shape no parameter."""
+
 
 def rng_state() -> dict:
     st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -34,11 +49,16 @@ def set_rng_state(st: dict) -> None:
 
 def _atomic_write(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def tag_for(step: int) -> str:
@@ -64,20 +84,106 @@ def find_resume_tag(ckpt_dir: str) -> str | None:
 
 
 def save_checkpoint(engine, ckpt_dir: str, step: int, client: dict, keep: int) -> str:
-    """Collective: every rank calls it. Returns the tag written."""
+    """Collective: every rank calls it. Returns the tag written. A failed write (full disk, ...) raises a RunFault
+    that names the checkpoint and the last complete one, which stays as it was."""
     tag = tag_for(step)
     rank = dist.get_rank()
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"step": step}, save_latest=False)
-    torch.save({**client, "rng": rng_state(), "step": step, "world_size": dist.get_world_size()},
-               os.path.join(ckpt_dir, tag, f"client_rank{rank}.pt"))
+    previous = find_resume_tag(ckpt_dir)
+    try:
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"step": step}, save_latest=False)
+        torch.save({**client, "rng": rng_state(), "step": step, "world_size": dist.get_world_size()},
+                   os.path.join(ckpt_dir, tag, f"client_rank{rank}.pt"))
+    except (OSError, RuntimeError) as e:
+        raise _save_failure(e, ckpt_dir, tag, previous) from e
     dist.barrier()
     if rank == 0:
-        _atomic_write(os.path.join(ckpt_dir, tag, "COMPLETE"), json.dumps({"step": step}) + "\n")
-        _atomic_write(os.path.join(ckpt_dir, "latest"), tag + "\n")
+        try:
+            _atomic_write(os.path.join(ckpt_dir, tag, "COMPLETE"), json.dumps({"step": step}) + "\n")
+            _atomic_write(os.path.join(ckpt_dir, "latest"), tag + "\n")
+        except OSError as e:
+            raise _save_failure(e, ckpt_dir, tag, previous) from e
         for old in complete_tags(ckpt_dir)[:-max(keep, 1)]:
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
     dist.barrier()
     return tag
+
+
+def _save_failure(exc: BaseException, ckpt_dir: str, tag: str, previous: str | None) -> BaseException:
+    path = os.path.join(ckpt_dir, tag)
+    if previous is not None:
+        after = (f"the last complete checkpoint {os.path.join(ckpt_dir, previous)} is intact (the incomplete {tag} "
+                 f"is ignored and may be deleted); rerun with --resume once this is fixed")
+    else:
+        after = "no complete checkpoint was written yet"
+    return write_failure(exc, path, f"saving checkpoint {path}", after)
+
+
+def saved_config(ckpt_dir: str, tag: str) -> dict:
+    """The RunConfig (as a dict) a checkpoint was saved with ({} when its client file does not say)."""
+    try:
+        client = torch.load(os.path.join(ckpt_dir, tag, "client_rank0.pt"), map_location="cpu", weights_only=False)
+    except Exception:      # noqa: BLE001 (unreadable client file: the caller reports the engine's own failure)
+        return {}
+    return client.get("config", {}) if isinstance(client, dict) else {}
+
+
+def model_differences(saved: dict, run) -> str:
+    """"model.d_model 128 in the checkpoint, 64 in this run; ..." for the model fields that differ."""
+    here = dataclasses.asdict(run.model)
+    diffs = []
+    for k, v in (saved.get("model") or {}).items():
+        mine = here.get(k)
+        if isinstance(mine, tuple):
+            mine = list(mine)
+        if k in here and v != mine and k not in ("name",) + RUN_OWN_MODEL_FIELDS:
+            diffs.append(f"model.{k} {v} in the checkpoint, {mine} in this run")
+    return "; ".join(diffs)
+
+
+def _other_model(path: str, diff: str) -> RunFault:
+    return RunFault(f"--resume: the checkpoint {path} holds another model than this run builds ({diff}); resume "
+                    f"with the settings it was saved with, or train into another --out", status=2, every_rank=True)
+
+
+def _param_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    from ofa_ds.model import OFAModel
+    with torch.device("meta"):                         # shapes only: no memory, no initialisation work
+        return {k: tuple(v.shape) for k, v in OFAModel(cfg).state_dict().items()}
+
+
+def check_resume_model(ckpt_dir: str, tag: str, run) -> None:
+    """Before anything is built: RunFault when the checkpoint's model (from its client file) has other parameter
+    shapes than `run.model` (model fields that shape nothing, such as dropout, may differ). Every rank decides
+    alike. Checkpoints without a recorded config are left to the engine's own load (`resume_failure`)."""
+    from ofa_ds.config import ModelConfig
+    saved = saved_config(ckpt_dir, tag)
+    diff = model_differences(saved, run)
+    if not diff:
+        return
+    try:
+        theirs = ModelConfig.from_dict(dict(saved["model"]), where=os.path.join(ckpt_dir, tag, "client_rank0.pt"))
+    except (KeyError, TypeError, ValueError):
+        return
+    if _param_shapes(theirs) != _param_shapes(run.model):
+        raise _other_model(os.path.join(ckpt_dir, tag), diff)
+
+
+def resume_failure(exc: BaseException, ckpt_dir: str, tag: str, run) -> BaseException:
+    """The RunFault for a checkpoint that the engine fails to load: another model size (names the differing model
+    fields) or an unreadable file; `exc` itself for anything else. Raised on the ranks whose part fails (a pipeline
+    stage without the differing layers loads fine), so each of them prints it."""
+    path = os.path.join(ckpt_dir, tag)
+    text = str(exc).strip()
+    first = text.splitlines()[0][:300] if text else type(exc).__name__
+    if any(s in text for s in SHAPE_ERRORS):
+        fault = _other_model(path, model_differences(saved_config(ckpt_dir, tag), run) or first)
+    elif isinstance(exc, OSError) or any(s in text for s in READ_ERRORS):
+        fault = RunFault(f"--resume: cannot read the checkpoint {path} ({first.split('. ')[0]}); delete that folder "
+                         f"to resume from the complete checkpoint before it, if any", status=2)
+    else:
+        return exc
+    fault.every_rank = False
+    return fault
 
 
 def load_checkpoint(engine, ckpt_dir: str, tag: str) -> dict:

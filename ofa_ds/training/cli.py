@@ -5,7 +5,10 @@
 
 The last JSON line rank 0 prints is the final report (held-out metrics and run facts), also written to
 <out>/report.json; readers take the last line that parses as JSON (`last_json_line`). Bad input (unknown recipe,
-unknown --set field, a ds_config that disagrees with the run) exits with status 2 and a one-line error.
+unknown --set field, a ds_config that disagrees with the run, a missing or unreadable file, a checkpoint of another
+model for --resume, a run folder that is not writable) exits with status 2 and one line `error: ...`; a fault met
+while running (a full disk while saving, a master port in use, more bad data rows than data.bad_row_threshold) with
+status 1 and one such line, the last complete checkpoint left as it was (`training/faults.py`).
 """
 from __future__ import annotations
 
@@ -57,13 +60,17 @@ def main(argv: list[str] | None = None, default_recipe: str = "default", descrip
     if a.print_config:
         print(run.to_json())
         return 0
-    from ofa_ds.training.ds_config import ConfigMismatch
+    from ofa_ds.training.faults import describe
     from ofa_ds.training.trainer import Trainer
     try:
         report = Trainer(run, resume=a.resume).run()      # a "pipeline" block in the ds_config picks the pipeline
-    except (ConfigMismatch, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:                                 # noqa: BLE001 (unknown ones are re-raised)
+        fault = describe(e)
+        if fault is None:
+            raise
+        if fault.should_print():
+            print(f"error: {fault.line()}", file=sys.stderr, flush=True)
+        return fault.status
     _shutdown_distributed()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(report, sort_keys=True), flush=True)

@@ -3,6 +3,9 @@
 Names (identical in the console line, the JSONL records, TensorBoard tags and benchmark CSVs):
   step, loss, lr, grad_norm, loss_scale, samples_per_s, tokens_per_s, tflops_per_gpu, mfu, peak_mem_gib, step_ms,
   skipped_steps, bad_rows   (plus nll_loss, epoch, and eval metrics as eval/<name> in TensorBoard).
+bad_rows counts the data rows skipped so far over all ranks; `bad_rows_by_reason` ({category: rows}, the categories of
+ofa_ds/data/tsv.py's CATEGORIES that occurred) splits it: a JSONL field, TensorBoard scalars bad_rows/<category>, and
+"(image 2, columns 1)" after bad_rows on the console line.
 
 TFLOP/s per device = the model's analytic training FLOPs of the samples this rank processed / step time. MFU is that
 over the peak dense throughput of the device in the run's precision (table below; None on CPU or an unknown GPU).
@@ -60,6 +63,11 @@ def _fmt(k: str, v: Any) -> str:
     return f"{k} {v}"
 
 
+def _by_count(counts: dict[str, int]) -> str:
+    """'image 2, columns 1': most frequent first."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 class MetricsLogger:
     """Rank-0 sink for step records and evaluation results. Other ranks get a logger that does nothing."""
 
@@ -106,11 +114,15 @@ class MetricsLogger:
         rec["time"] = round(time.time(), 3)
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        self.echo(f"step {rec['step']}/{self.total} | " + " | ".join(_fmt(k, rec[k]) for k in METRIC_NAMES[1:]))
+        reasons = rec.get("bad_rows_by_reason") or {}
+        self.echo(f"step {rec['step']}/{self.total} | " + " | ".join(_fmt(k, rec[k]) for k in METRIC_NAMES[1:])
+                  + (f" ({_by_count(reasons)})" if reasons else ""))
         if self.tb is not None:
             for k, v in rec.items():
                 if k not in ("step", "time") and isinstance(v, (int, float)) and v is not None:
                     self.tb.add_scalar(k, float(v), rec["step"])
+            for reason, n in reasons.items():
+                self.tb.add_scalar(f"bad_rows/{reason}", float(n), rec["step"])
             self.tb.flush()
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:

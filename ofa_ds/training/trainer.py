@@ -15,6 +15,12 @@ What is unusual:
     produces the same losses and sample ids as an uninterrupted one.
   * The final report (held-out metrics + run facts) is written to `<out>/report.json` and returned; the command line
     prints it as rank 0's last JSON line.
+  * Faults end as one-line `RunFault`s (`training/faults.py`): input files and the run folder are checked before
+    anything is built, a --resume checkpoint of another model size is refused before the model is built (config.json
+    is written only after the resume loaded), and a save or export that fails leaves the last complete checkpoint
+    as it was. Bad data rows are counted per category and logged (bad_rows, bad_rows_by_reason); past
+    data.bad_row_threshold the data stream raises TooManyBadRows while drawing the next batch, so no checkpoint is
+    written after the data went bad. A run resumed at its last step does not rewrite that checkpoint.
 """
 from __future__ import annotations
 
@@ -29,23 +35,33 @@ import torch
 import torch.distributed as dist
 
 from ofa_ds.config import RunConfig
+from ofa_ds.data.tsv import CATEGORIES
 from ofa_ds.model import OFAModel
 from ofa_ds.training import evaluate
-from ofa_ds.training.checkpoints import find_resume_tag, load_checkpoint, save_checkpoint, tag_for
+from ofa_ds.training.checkpoints import (RUN_OWN_MODEL_FIELDS, check_resume_model, find_resume_tag, load_checkpoint,
+                                         resume_failure, save_checkpoint, tag_for)
 from ofa_ds.training.dense import DenseStrategy
-from ofa_ds.training.ds_config import resolve_precision, zero_stage
+from ofa_ds.training.ds_config import resolve_ds_path, resolve_precision, zero_stage
 from ofa_ds.training.engine import all_reduce, grad_norm, init_distributed, initialize, loss_scale
+from ofa_ds.training.faults import RunFault, check_readable, check_writable, write_failure
 from ofa_ds.training.metrics_log import MetricsLogger, device_peak_tflops, peak_mem_gib
 from ofa_ds.training.objective import micro_batch_sizes, parts_of
 from ofa_ds.training.pipeline_strategy import PipelineStrategy, has_pipeline_block, raw_ds_config
 
+BAD_ROW_CATEGORIES = tuple(CATEGORIES)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 REPORT_FILE = "report.json"
 
 
 def strategy_for(run: RunConfig) -> DenseStrategy | PipelineStrategy:
     """The pipeline strategy when the run's DeepSpeed JSON has a "pipeline" block, else the dense one."""
-    return PipelineStrategy(run) if has_pipeline_block(run.ds_config) else DenseStrategy()
+    if isinstance(run.ds_config, str) and run.ds_config and os.path.exists(resolve_ds_path(run.ds_config)):
+        check_readable(resolve_ds_path(run.ds_config), "DeepSpeed config")
+    try:
+        pipelined = has_pipeline_block(run.ds_config)
+    except ValueError as e:                                   # not valid JSON: the message names the file
+        raise RunFault(str(e), status=2, every_rank=True) from None
+    return PipelineStrategy(run) if pipelined else DenseStrategy()
 
 
 def load_init(run: RunConfig) -> OFAModel | None:
@@ -55,11 +71,10 @@ def load_init(run: RunConfig) -> OFAModel | None:
     init = run.train.init
     if not init:
         return None
+    check_readable(init, "--init checkpoint")
     if os.path.isdir(init) and os.path.isdir(os.path.join(init, "final")):
         init = os.path.join(init, "final")
-    keep = {k: getattr(run.model, k) for k in ("dropout", "attention_dropout", "activation_dropout",
-                                              "encoder_drop_path_rate", "decoder_drop_path_rate",
-                                              "resnet_drop_path_rate", "kernel_backend", "frozen_bn")}
+    keep = {k: getattr(run.model, k) for k in RUN_OWN_MODEL_FIELDS}
     from ofa_ds.checkpoint import load_any
     return load_any(init, **keep)
 
@@ -69,6 +84,7 @@ class Trainer:
         self.requested = run
         self.run_cfg = run                      # replaced by the resolved config in setup()
         self.resume = resume
+        self.resume_tag: str | None = None      # the checkpoint --resume continues from (set in setup)
         self.strategy = strategy_for(run)
         self.grad_norm: float | None = None
         self.last_loss: float | None = None
@@ -83,14 +99,19 @@ class Trainer:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))   # ranks share the cores
         self.out = run.out_dir
         self.ckpt_dir = os.path.join(self.out, "checkpoints")
+        check_writable(self.out)
+        self.resume_tag = self._resume_tag() if self.resume else None
         if run.synthetic_root:
             self._ensure_synthetic(run.synthetic_root)
+        self._check_inputs(run)
         torch.manual_seed(run.train.seed)
         init = load_init(run)
         self.precision = resolve_precision(run.train.precision, raw_ds_config(run.ds_config))
         self.run_cfg = dataclasses.replace(run, model=init.cfg if init is not None else run.model,
                                        train=dataclasses.replace(run.train, precision=self.precision))
         self.model_cfg = self.run_cfg.model
+        if self.resume_tag is not None:
+            check_resume_model(self.ckpt_dir, self.resume_tag, self.run_cfg)
         module = strategy.build(self, init)
         del init
         from ofa_ds.data import DataStream
@@ -104,10 +125,10 @@ class Trainer:
         self.dtype = DTYPES[self.precision]
         self.ds_cfg, engine_cfg = strategy.ds_configs(self, self.run_cfg)
         self.zero = zero_stage(self.ds_cfg)
-        self._write_run_files()
         self.engine = initialize(module, self.run_cfg, engine_cfg)
         strategy.attach(self)
         self._maybe_resume()
+        self._write_run_files()           # after the resume: a checkpoint that does not load leaves config.json be
         self.eval_sets = self._eval_sets(*strategy.eval_shard(self))
         self.peak = device_peak_tflops(self.precision)
 
@@ -119,15 +140,35 @@ class Trainer:
             with open(os.path.join(self.out, "ds_config.json"), "w") as f:
                 json.dump(self.ds_cfg, f, indent=2, sort_keys=True)
 
+    def _check_inputs(self, run: RunConfig) -> None:
+        """Every input file that exists must be readable (a missing one is reported where it is opened, with its
+        role in the message); a clear line instead of a PermissionError deep in the loader."""
+        d = run.data
+        files = [(p, "data file") for p in d.paths()] + [(p, "data file") for p in run.eval.data.values()]
+        files += [(p, f"data.{k} file") for k, p in (("text_data", d.text_data), ("image_data", d.image_data),
+                                                     ("detection_data", d.detection_data),
+                                                     ("ans2label_file", d.ans2label_file)) if p]
+        for path, what in files:
+            for p in str(path).split(","):
+                if p and os.path.exists(p):
+                    check_readable(p, what)
+
+    def _resume_tag(self) -> str:
+        tag = find_resume_tag(self.ckpt_dir)
+        if tag is None:
+            raise RunFault(f"--resume: no complete checkpoint under {self.ckpt_dir}", status=2, every_rank=True)
+        return tag
+
     def _maybe_resume(self) -> None:
         self.step = 0
         self.skipped = 0
         if not self.resume:
             return
-        tag = find_resume_tag(self.ckpt_dir)
-        if tag is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint under {self.ckpt_dir}")
-        client = load_checkpoint(self.engine, self.ckpt_dir, tag)
+        tag = self.resume_tag
+        try:
+            client = load_checkpoint(self.engine, self.ckpt_dir, tag)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise resume_failure(e, self.ckpt_dir, tag, self.run_cfg) from e
         self.stream.load_state_dict(client["data"])
         self.step, self.skipped = int(client["step"]), int(client.get("skipped", 0))
         if self.rank == 0:
@@ -240,6 +281,15 @@ class Trainer:
         client = {"data": self.stream.state_dict(), "skipped": self.skipped, "config": self.run_cfg.to_dict()}
         return save_checkpoint(self.engine, self.ckpt_dir, self.step, client, self.run_cfg.train.keep_checkpoints)
 
+    def _export(self, tag: str) -> None:
+        final = os.path.join(self.out, "final")
+        try:
+            self.strategy.export(self, tag)
+        except (OSError, RuntimeError) as e:            # a full disk: one line; anything else keeps its traceback
+            raise write_failure(e, final, f"exporting the final weights to {final}",
+                                f"the checkpoint {os.path.join(self.ckpt_dir, tag)} is complete: rerun with --resume "
+                                f"to export it again") from e
+
     def run(self) -> dict[str, Any]:
         t_start = time.time()
         self.setup()
@@ -269,6 +319,8 @@ class Trainer:
                     last_tag = self._save()
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
                     log.log_eval(self.step, self.evaluate())
+            if last_tag is None and self.resume_tag == tag_for(self.step):
+                last_tag = self.resume_tag    # resumed at the last step: that checkpoint is final, never rewritten
             if t.save_final and (last_tag is None or last_tag != tag_for(self.step)):
                 last_tag = self._save()
             self.strategy.finish(self, last_tag)
@@ -276,7 +328,7 @@ class Trainer:
                 final_eval = self.evaluate()
                 log.log_eval(self.step, final_eval)
             if t.export_final and last_tag is not None:
-                self.strategy.export(self, last_tag)
+                self._export(last_tag)
         finally:
             log.close()
         report = {**final_eval, "steps": self.step, "train_loss_last": self.last_loss, **self._facts(),
@@ -295,8 +347,12 @@ class Trainer:
 
     def _log(self, log: MetricsLogger, acc: dict, st: dict, lr: float) -> None:
         n, secs = max(acc["n"], 1), max(acc["time"], 1e-9)
-        samples, tokens, flops, bad_rows = (x / self.strategy.shard_copies for x in all_reduce(
-            [acc["samples"], acc["tokens"], acc["flops"], float(self.stream.counter.bad)]))
+        reasons = self.stream.counter.reasons
+        local = [float(reasons.get(k, 0)) for k in BAD_ROW_CATEGORIES]
+        local.append(float(sum(v for k, v in reasons.items() if k not in BAD_ROW_CATEGORIES)))
+        samples, tokens, flops, bad_rows, *by_reason = (x / self.strategy.shard_copies for x in all_reduce(
+            [acc["samples"], acc["tokens"], acc["flops"], float(self.stream.counter.bad), *local]))
+        by_reason = {k: int(v) for k, v in zip((*BAD_ROW_CATEGORIES, "other"), by_reason) if v}
         tflops = flops / self.world / secs / 1e12
         self.last_loss = acc["loss"] / n
         log.log_step({
@@ -306,5 +362,6 @@ class Trainer:
             "tflops_per_gpu": tflops, "mfu": (tflops / self.peak) if self.peak else None,
             "peak_mem_gib": peak_mem_gib(), "step_ms": 1000 * secs / n,
             "skipped_steps": self.skipped + int(getattr(self.engine, "skipped_steps", 0) or 0),
-            "bad_rows": int(bad_rows), "nll_loss": st["nll_loss"], "epoch": self.stream.epoch})
+            "bad_rows": int(bad_rows), "bad_rows_by_reason": by_reason, "nll_loss": st["nll_loss"],
+            "epoch": self.stream.epoch})
 
