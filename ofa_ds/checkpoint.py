@@ -61,8 +61,10 @@ def read_checkpoint_file(path: str) -> dict:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))
-        if not found:
-            raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(e).strip()[:300]})") from None
+        if not found:                # torch's own text suggests an unsafe reload: keep only the unpickler's reason
+            why = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(e), re.S)
+            why = why.group(1).strip() if why else type(e).__name__
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({why[:200]})") from None
         raise CheckpointError(
             f"{path}: refused to unpickle {', '.join(found)}: outside the allow-list (argparse.Namespace, "
             f"OrderedDict, tensors, numpy scalars); nothing from the file was executed") from None
