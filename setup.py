@@ -18,7 +18,7 @@ setup(
     package_data={"ofa_ds": ["assets/NOTICE.md", "assets/bpe/*", "assets/bert_cn/*"]},
     install_requires=[
         "torch>=2.1",
-        "deepspeed>=0.14",
+        "deepspeed>=0.14,<0.20",          # the range training/ds_compat.py was written for
         "triton>=3.0",
         "numpy",
         "pillow",

@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import Callable
 
 KNOWN_VERSIONS = ((0, 14), (0, 19))
-"""Inclusive (major, minor) range of DeepSpeed releases whose PipelineEngine dispatch this adapter matches."""
+"""Inclusive (major, minor) range of DeepSpeed releases whose PipelineEngine dispatch this adapter matches; setup.py
+pins the same range, so an install never brings an unknown one."""
 
 
 def _version() -> tuple[int, int]:
