@@ -27,7 +27,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from ofa_ds.config import ModelConfig, preset  # noqa: E402
-from ofa_ds.training.faults import RunFault, check_readable, describe, write_failure  # noqa: E402
+from ofa_ds.training.faults import RunFault, check_readable, report, write_failure  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -155,12 +155,7 @@ def main(argv=None) -> int:
     try:
         return evaluate(args)
     except Exception as e:                       # noqa: BLE001 (unknown ones are re-raised)
-        fault = describe(e)
-        if fault is None:
-            raise
-        if fault.should_print():
-            print(f"error: {fault.line()}", file=sys.stderr, flush=True)
-        return fault.status
+        return report(e)
 
 
 def evaluate(args) -> int:

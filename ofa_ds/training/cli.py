@@ -60,17 +60,12 @@ def main(argv: list[str] | None = None, default_recipe: str = "default", descrip
     if a.print_config:
         print(run.to_json())
         return 0
-    from ofa_ds.training.faults import describe
+    from ofa_ds.training import faults
     from ofa_ds.training.trainer import Trainer
     try:
         report = Trainer(run, resume=a.resume).run()      # a "pipeline" block in the ds_config picks the pipeline
     except Exception as e:                                 # noqa: BLE001 (unknown ones are re-raised)
-        fault = describe(e)
-        if fault is None:
-            raise
-        if fault.should_print():
-            print(f"error: {fault.line()}", file=sys.stderr, flush=True)
-        return fault.status
+        return faults.report(e)
     _shutdown_distributed()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(report, sort_keys=True), flush=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import re
 
 FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -204,3 +205,14 @@ def describe(exc: BaseException) -> RunFault | None:
         what = os.strerror(exc.errno).lower() if exc.errno not in FULL else "no space left on device"
         return RunFault(f"{what}: {exc.filename}" if exc.filename else f"{what} ({text})", status=1)
     return None
+
+
+def report(exc: BaseException) -> int:
+    """For a command's top level: print a known fault as its one `error: ...` line (where this rank should) and
+    return its exit status; re-raise anything else, so a bug keeps its traceback."""
+    fault = describe(exc)
+    if fault is None:
+        raise exc
+    if fault.should_print():
+        print(f"error: {fault.line()}", file=sys.stderr, flush=True)
+    return fault.status

@@ -17,6 +17,7 @@ Rules they all follow:
 from __future__ import annotations
 
 import base64
+import math
 import os
 import pickle
 import sys
@@ -128,6 +129,34 @@ def embed_image(path: str, max_side: Optional[int] = None) -> EmbeddedImage:
         small = img.resize((nw, nh), Image.BICUBIC)
         return EmbeddedImage(encode_base64_image(small, quality=95), nw / w, nh / h, nw, nh)
     return EmbeddedImage(base64.b64encode(raw).decode("ascii"), 1.0, 1.0, w, h)
+
+
+def coco_box(ann: dict, where: str) -> tuple[float, float, float, float]:
+    """COCO [x, y, w, h] -> (x0, y0, x1, y1); Skip('degenerate box') when not 4 finite numbers with w, h > 0."""
+    try:
+        x, y, w, h = (float(v) for v in ann["bbox"])
+    except (KeyError, TypeError, ValueError):
+        raise Skip("degenerate box", f"{where}: bbox {str(ann.get('bbox'))[:40]}") from None
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+        raise Skip("degenerate box", f"{where}: bbox {[x, y, w, h]}")
+    return x, y, x + w, y + h
+
+
+def clip_box(box, size: Optional[tuple[float, float]], where: str) -> tuple[float, float, float, float]:
+    """Clip an overhang of at most one pixel; Skip('box outside image') beyond that."""
+    x0, y0, x1, y1 = box
+    if size is not None:
+        w, h = size
+        if x0 < -1 or y0 < -1 or x1 > w + 1 or y1 > h + 1:
+            raise Skip("box outside image", f"{where}: box {[round(v, 2) for v in box]} on a {w:g}x{h:g} image")
+        x0, y0, x1, y1 = max(x0, 0.0), max(y0, 0.0), min(x1, w), min(y1, h)
+    elif x0 < -1 or y0 < -1:
+        raise Skip("box outside image", f"{where}: box {[round(v, 2) for v in box]}")
+    else:
+        x0, y0 = max(x0, 0.0), max(y0, 0.0)
+    if x1 <= x0 or y1 <= y0:
+        raise Skip("degenerate box", f"{where}: box {[round(v, 2) for v in box]}")
+    return x0, y0, x1, y1
 
 
 def box_cell(box: Iterable[float], img: EmbeddedImage) -> str:

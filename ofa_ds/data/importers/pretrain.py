@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
-import math
 import os
 import re
 import zlib
@@ -44,8 +43,9 @@ from typing import Any, Iterable, Iterator, Optional
 from ..text import pre_caption
 from . import Format
 from .captions import caption_text, iter_coco_captions, iter_karpathy, load_json
-from .common import EmbeddedImage, ImportStats, Skip, TSVWriter, box_cell, clean, embed_image, progress
-from .refcoco import clip_box, iter_refs
+from .common import (EmbeddedImage, ImportStats, Skip, TSVWriter, box_cell, clean, clip_box, coco_box, embed_image,
+                     progress)
+from .refcoco import iter_refs
 from .vqa import ImageIndex, read_questions
 
 VL_FILE, DET_FILE, TEXT_FILE = "vision_language_examples.tsv", "detection_examples.tsv", "text_examples.tsv"
@@ -155,17 +155,6 @@ def present_objects(text: str, names: Iterable[str]) -> list[str]:
 
 
 # ---- pretrain_detection ---------------------------------------------------------------------------------------------
-
-def coco_box(ann: dict, where: str) -> tuple[float, float, float, float]:
-    """COCO [x, y, w, h] -> (x0, y0, x1, y1); Skip('degenerate box') when not 4 finite numbers with w, h > 0."""
-    try:
-        x, y, w, h = (float(v) for v in ann["bbox"])
-    except (KeyError, TypeError, ValueError):
-        raise Skip("degenerate box", f"{where}: bbox {str(ann.get('bbox'))[:40]}") from None
-    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
-        raise Skip("degenerate box", f"{where}: bbox {[x, y, w, h]}")
-    return x, y, x + w, y + h
-
 
 def read_instances(path: str, stats: ImportStats, keep_crowd: bool = False):
     """(images sorted by id as (image id, file name), image id -> [(box, cat id, name)], the category names)."""

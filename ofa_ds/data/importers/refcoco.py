@@ -16,14 +16,14 @@ Unusual points:
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import re
 from typing import Any, Iterator, Optional
 
 from . import Format
-from .common import ImportStats, Skip, TSVWriter, box_cell, clean, embed_image, load_plain_pickle, progress
+from .common import (ImportStats, Skip, TSVWriter, box_cell, clean, clip_box, coco_box, embed_image,
+                     load_plain_pickle, progress)
 
 DATASETS = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}        # dataset -> its usual --split-by
 FILE_STEM = {"refcoco": "refcoco", "refcoco+": "refcocoplus", "refcocog": "refcocog"}
@@ -78,36 +78,13 @@ def load_instances(path: str) -> tuple[dict, dict]:
 
 def _box(ann: dict, image: Optional[dict], where: str) -> tuple[float, float, float, float]:
     """x0, y0, x1, y1 of a COCO annotation; Skip when degenerate or (given the image size) off the image."""
-    try:
-        x, y, w, h = (float(v) for v in ann["bbox"])
-    except (KeyError, TypeError, ValueError):
-        raise Skip("degenerate box", f"{where}: bbox {str(ann.get('bbox'))[:40]}") from None
-    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
-        raise Skip("degenerate box", f"{where}: bbox {[x, y, w, h]}")
     size = None
     if image is not None:
         try:
             size = float(image["width"]), float(image["height"])
         except (KeyError, TypeError, ValueError):
             size = None
-    return clip_box((x, y, x + w, y + h), size, where)
-
-
-def clip_box(box, size: Optional[tuple[float, float]], where: str) -> tuple[float, float, float, float]:
-    """Clip an overhang of at most one pixel; Skip('box outside image') beyond that."""
-    x0, y0, x1, y1 = box
-    if size is not None:
-        w, h = size
-        if x0 < -1 or y0 < -1 or x1 > w + 1 or y1 > h + 1:
-            raise Skip("box outside image", f"{where}: box {[round(v, 2) for v in box]} on a {w:g}x{h:g} image")
-        x0, y0, x1, y1 = max(x0, 0.0), max(y0, 0.0), min(x1, w), min(y1, h)
-    elif x0 < -1 or y0 < -1:
-        raise Skip("box outside image", f"{where}: box {[round(v, 2) for v in box]}")
-    else:
-        x0, y0 = max(x0, 0.0), max(y0, 0.0)
-    if x1 <= x0 or y1 <= y0:
-        raise Skip("degenerate box", f"{where}: box {[round(v, 2) for v in box]}")
-    return x0, y0, x1, y1
+    return clip_box(coco_box(ann, where), size, where)
 
 
 def iter_refs(refs_pickle: str, instances_json: str, stats: Optional[ImportStats] = None,
