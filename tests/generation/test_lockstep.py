@@ -1,14 +1,14 @@
 """ZeRO-3 lockstep: with sync=True two gloo ranks holding different batches (one finishes much earlier) make the
 same number of decoder calls, and their results equal the unsynchronised ones."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ofa_ds.generation import GenerationConfig, generate, sample
+
+from tests.ranks import run_ranks
 
 from .conftest import tiny_model
 
@@ -37,18 +37,7 @@ def _worker(rank, port, q):
 
 @pytest.mark.distributed
 def test_two_ranks_make_the_same_number_of_decoder_calls():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    res = dict(q.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    res = run_ranks(_worker)
     for name in ("beam", "sample"):
         (n0, same0), (n1, same1) = res[0][name], res[1][name]
         assert same0 and same1

@@ -4,12 +4,10 @@ reference implementations of its definitions (greedy decoding from bos, 4 tokens
 the sum of full-vocabulary log-probs of answer + eos); its metrics equal the evaluators' metrics. Under ZeRO-3
 (parameters marked with `ds_id`) two ranks with different batches make the same number of decoder calls."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ofa_ds.data import DataStream
 from ofa_ds.data.synthetic import data_config, generate as synth
@@ -17,6 +15,7 @@ from ofa_ds.metrics.tasks import make_evaluator
 from ofa_ds.tokenizer import get_tokenizer
 from ofa_ds.training import evaluate as training_eval
 from tests.generation.conftest import tiny_model
+from tests.ranks import run_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # many tiny ops: no spinning on shared cores
 
@@ -152,18 +151,7 @@ def _worker(rank, port, root, q):
 @pytest.mark.distributed
 def test_zero3_ranks_make_the_same_decoder_calls(syn):
     assert training_eval.partitioned(tiny_model()) is False
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, port, syn, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    res = dict(q.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    res = run_ranks(_worker, syn)
     for task in ("caption", "refcoco", "vqa"):
         (n0, r0, _), (n1, r1, _) = res[0][task], res[1][task]
         assert n0 == n1 and r0 == r1 == 4, (task, res)
