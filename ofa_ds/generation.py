@@ -7,9 +7,11 @@ What is unusual, and what this file does about it:
   * The search itself is fairseq's: top 2·beam candidates over beam×V cumulative scores, only beam 0 expanded at
     step 0, eos candidates among the top `beam` finalised (score / len^lenpen unless `normalize_scores=False`),
     `cands_to_ignore` bookkeeping, and finished sentences removed from the batch (batch reduction).
-  * The cache is reordered here, not with `ofa_ds.model.reorder_cache`: beams of one sentence share the encoder
-    output, so cross-attention K/V (the big part: image tokens × layers) are only reordered when the batch shrinks,
-    and self-attention K/V every step.
+  * Beams (and samples) of one sentence share its encoder output: the encoder output is not repeated per beam,
+    the decoder runs grouped cross-attention (`ofa_ds.model.layers.MultiheadAttention`), so cross-attention K/V
+    (the big part: image tokens × layers) are projected, stored and read once per sentence. The cache is reordered
+    here, not with `ofa_ds.model.reorder_cache`: self-attention K/V by beam row every step, cross-attention K/V
+    by sentence when the batch shrinks.
   * Temperature divides logits, then the trie / constraint range / bin restriction masks the *logits* (so the
     log-softmax renormalises over the allowed set, as OFA does outside zero-shot), then pad (and bos with
     `ban_bos`) → −inf, unk penalty, min_len, prefix forcing (real log-prob kept) and n-gram blocking act on the
@@ -126,17 +128,19 @@ def task_config(task: str, **overrides: Any) -> GenerationConfig:
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------------
-def _reorder(cache: dict, order: Tensor, cross: bool) -> None:
-    """Reorder cached self-attention K/V (and cross-attention K/V when `cross`) along the batch dimension."""
+def _reorder(cache: dict, order: Tensor, sentences: Optional[Tensor]) -> None:
+    """Reorder cached self-attention K/V by row `order`, and cross-attention K/V (one row per sentence) by
+    `sentences` when given (the batch shrank)."""
     for key, layer in cache.items():
         if key == "length":
             continue
         for kind, kv in layer.items():
-            if kind == "cross" and not cross:
+            idx = sentences if kind == "cross" else order
+            if idx is None:
                 continue
             for n in ("k", "v"):
                 if n in kv:
-                    kv[n] = kv[n].index_select(0, order)
+                    kv[n] = kv[n].index_select(0, idx)
 
 
 def _contiguous_cross(cache: dict) -> None:
@@ -214,7 +218,7 @@ def _step_lprobs(model, tokens: Tensor, step: int, enc, cache: dict, cfg: Genera
         logits = logits / cfg.temperature
     logits = _logit_mask(logits, tokens, step, cfg, trie, prefix_len, bin_offset)
     lprobs = F.log_softmax(logits, dim=-1)
-    lprobs[lprobs != lprobs] = -math.inf
+    lprobs.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     lprobs[:, PAD] = -math.inf
     if cfg.ban_bos:
         lprobs[:, BOS] = -math.inf
@@ -297,10 +301,8 @@ def generate(model, batch: dict, cfg: GenerationConfig | None = None, prefix_tok
     V = _vocab_size(model)
     max_len = _max_len(cfg, src.shape[1], model)
     prefix = _pad_prefix(prefix_tokens, dev)
-    rep = torch.arange(B, device=dev).repeat_interleave(K)
-    enc = enc.index_select(rep)
     if code_masks is not None:
-        code_masks = code_masks.to(dev).index_select(0, rep)
+        code_masks = code_masks.to(dev).repeat_interleave(K)
     tokens = torch.full((B * K, max_len + 2), PAD, dtype=torch.long, device=dev)
     tokens[:, 0] = BOS
     scores = torch.zeros(B * K, max_len + 1, dtype=torch.float32, device=dev)
@@ -309,14 +311,14 @@ def generate(model, batch: dict, cfg: GenerationConfig | None = None, prefix_tok
     orig = list(range(B))                        # current sentence -> original sample index
     cands_to_ignore = torch.zeros(B, K, dtype=torch.bool, device=dev)
     cache: dict = {}
-    reorder, reduced = None, False
+    reorder, kept_sentences = None, None
     bsz = B
     for step in range(max_len + 1):
         _all_ranks(False, sync, dev)             # lockstep: "not done yet" (pairs with idle ranks' "done")
         if reorder is not None:
-            _reorder(cache, reorder, cross=reduced)
-            if reduced:
-                enc = enc.index_select(reorder)
+            _reorder(cache, reorder, kept_sentences)
+            if kept_sentences is not None:
+                enc = enc.index_select(kept_sentences)
                 if code_masks is not None:
                     code_masks = code_masks.index_select(0, reorder)
         rows_prefix = prefix.repeat_interleave(K, 0) if prefix is not None else None
@@ -381,8 +383,8 @@ def generate(model, batch: dict, cfg: GenerationConfig | None = None, prefix_tok
             break
         keep = [i for i in range(bsz) if not finished[orig[i]]]
         keep_t = torch.tensor(keep, dtype=torch.long, device=dev)
-        reduced = len(keep) < bsz
-        if reduced:
+        kept_sentences = keep_t if len(keep) < bsz else None
+        if kept_sentences is not None:
             eos_mask, cand_beams, cand_scores, cand_tok = (t[keep_t] for t in (eos_mask, cand_beams, cand_scores,
                                                                                  cand_tok))
             cands_to_ignore = cands_to_ignore[keep_t]
@@ -420,10 +422,8 @@ def sample(model, batch: dict, cfg: GenerationConfig, trie: Optional[Trie] = Non
     n = cfg.beam if cfg.sampling else 1
     B, dev = src.shape[0], enc.hidden.device
     max_len = _max_len(cfg, src.shape[1], model)
-    rep = torch.arange(B, device=dev).repeat_interleave(n)
-    enc = enc.index_select(rep)
     if code_masks is not None:
-        code_masks = code_masks.to(dev).index_select(0, rep)
+        code_masks = code_masks.to(dev).repeat_interleave(n)
     R = B * n
     tokens = torch.full((R, max_len + 2), PAD, dtype=torch.long, device=dev)
     tokens[:, 0] = BOS

@@ -36,6 +36,11 @@ class MultiheadAttention(nn.Module):
 
     `cache` (a dict owned by the caller) enables incremental decoding: for self-attention new keys/values are
     appended to cache["k"], cache["v"]; for cross-attention (`static_kv=True`) they are computed once.
+
+    Grouped cross-attention (beam search, sampling): with `static_kv`, when the keys/values have B rows and the
+    queries R = n·B rows, query rows b·n … b·n+n−1 all attend to row b's keys. They are folded into one
+    [B, H, n·L, d] query block, so each sentence's encoder K/V are projected, stored and read once, not per beam.
+    The bias is then either per query row [R, H, L, S] or already grouped, [B or 1, H, n·L or 1, S].
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -68,12 +73,31 @@ class MultiheadAttention(nn.Module):
                     k = torch.cat([cache["k"], k], dim=2)
                     v = torch.cat([cache["v"], v], dim=2)
                 cache["k"], cache["v"] = k, v
-        o = kernels.attention(q, k, v, bias=bias, key_padding_mask=key_padding_mask, causal=causal, scale=1.0,
-                              dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+        if static_kv and k.shape[0] != q.shape[0]:
+            o = self._grouped(q, k, v, bias, key_padding_mask)
+        else:
+            o = kernels.attention(q, k, v, bias=bias, key_padding_mask=key_padding_mask, causal=causal, scale=1.0,
+                                  dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
         if self.c_attn is not None:
             o = o * self.c_attn.view(1, -1, 1, 1).to(o.dtype)   # [B, H, Lq, d] scaled per head
         b, _, n, _ = o.shape
         return self.out_proj(o.transpose(1, 2).reshape(b, n, -1))
+
+    def _grouped(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, key_padding_mask: Tensor | None) -> Tensor:
+        """Cross-attention of R = n·B query rows on B key rows (see the class docstring) → [R, H, L, d]."""
+        r, h, n_q, d = q.shape
+        b = k.shape[0]
+        n = r // b
+        if n * b != r:
+            raise ValueError(f"cross-attention: {r} query rows are not a multiple of the {b} encoder rows")
+        qg = q.view(b, n, h, n_q, d).transpose(1, 2).reshape(b, h, n * n_q, d)
+        if bias is not None and bias.shape[0] == r:
+            bias = bias.view(b, n, h, n_q, -1).transpose(1, 2).reshape(b, h, n * n_q, -1)
+        if key_padding_mask is not None and key_padding_mask.shape[0] == r:
+            key_padding_mask = key_padding_mask[::n]
+        o = kernels.attention(qg, k, v, bias=bias, key_padding_mask=key_padding_mask, scale=1.0,
+                              dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+        return o.view(b, h, n, n_q, d).transpose(1, 2).reshape(r, h, n_q, d)
 
 
 def _ffn(layer: nn.Module, x: Tensor) -> Tensor:

@@ -15,8 +15,12 @@ What is unusual about OFA, and what this file does about it:
   * One V×C token table is shared by the encoder input, the decoder input and the output projection.
   * Samples that carry the same image (OFA's pretraining pairs) share one ResNet pass (`dedup_images`).
   * `sample_patch_num` keeps a random subset of image tokens (with their true position ids) per sample.
-  * Incremental decoding: pass a `cache` dict to `decode`; positions already cached are skipped, biases are
-    computed for the whole prefix and sliced to the new rows.
+  * Incremental decoding: pass a `cache` dict to `decode`; positions already cached are skipped. Position biases
+    are computed for the new query rows only, once per position kind (text; image codes when `code_masks` is given)
+    and broadcast over the batch, since every row of a step sits at the same positions. The encoder output may
+    have fewer rows than the decoder input (B sentences, n = beams or samples each, rows b·n … b·n+n−1 belong to
+    sentence b): cross-attention K/V and the cross bias's key side then stay per sentence (grouped
+    cross-attention in `MultiheadAttention`), not copied per beam.
   * The embedding blocks and the per-layer biases are plain functions of the modules that hold them
     (`embed_encoder`, `encoder_layer_bias`, `embed_decoder`, `decoder_layer_bias`): the dense Encoder/Decoder call
     them with their own submodules, the pipeline stages (`ofa_ds.training.pipeline`) with theirs (same names, same
@@ -216,32 +220,36 @@ def embed_decoder(m: nn.Module, cfg: ModelConfig, token_embeddings: Tensor, prev
     start:]); `enc_pos_embed` = EncoderOut.pos_embed; `image_position_idx` = the decoder's code-position table
     (make_decoder_image_position_idx). With a generation `cache`, the key side of the cross bias (a function of the
     encoder output only) is computed once and kept in cache["pos"]["cross"]["k"], shaped like the cross-attention
-    K/V so that beam reordering treats it alike. Returns a dict: x, self_abs_bias [B, H, T, T], cross_bias
-    [B, H, T−start, S], code_masks ([B] bool or None), self_padding_mask (None when nothing is padding), start."""
+    K/V so that beam reordering treats it alike, and the biases come from `_step_biases` (new rows only).
+    Returns a dict: x, self_abs_bias [B, H, T, T] (with a cache: [1 or B, H, T−start, T]), cross_bias
+    [B, H, T−start, S] (grouped as `_step_biases` says when the encoder has fewer rows), code_masks ([B] bool or
+    None), self_padding_mask (None when nothing is padding), start."""
     b, T = prev_output_tokens.shape
     dev = prev_output_tokens.device
     heads, s = cfg.num_heads, m.pos_scaling
+    if code_masks is not None and T > image_position_idx.numel():
+        raise ValueError(f"decoder length {T} exceeds image_position_idx ({image_position_idx.numel()})")
     tok_pos = m.embed_positions(torch.arange(T, device=dev))[None]                  # [1, T, C]
     cm = None
     if code_masks is not None:
-        if T > image_position_idx.numel():
-            raise ValueError(f"decoder length {T} exceeds image_position_idx ({image_position_idx.numel()})")
         code_masks = code_masks.to(torch.bool)
         cm = code_masks[:, None, None]                                                  # [B, 1, 1]
-        img_pos = m.embed_image_positions(image_position_idx[:T])[None]
-        raw = torch.where(cm, img_pos, tok_pos)                                          # [B, T, C]
-        pos = torch.where(cm, m.image_pos_ln(raw), m.pos_ln(raw))
+    if cache is not None:
+        kept = cache.setdefault("pos", {}).setdefault("cross", {})
+        if "k" not in kept:
+            kept["k"] = _pos_heads(m.cross_pos_k_linear, enc_pos_embed, heads)          # [B, H, S, d]
+        self_abs, cross = _step_biases(m, heads, s, tok_pos, image_position_idx, code_masks, start, kept["k"], b)
     else:
-        pos = m.pos_ln(tok_pos).expand(b, -1, -1)
-    self_abs = _abs_bias(m.self_pos_q_linear, m.self_pos_k_linear, pos, pos, heads, s)
-    kept = None if cache is None else cache.setdefault("pos", {}).setdefault("cross", {})
-    if kept is not None and "k" in kept:
-        cross_k = kept["k"]
-    else:
+        if cm is not None:
+            img_pos = m.embed_image_positions(image_position_idx[:T])[None]
+            raw = torch.where(cm, img_pos, tok_pos)                                      # [B, T, C]
+            pos = torch.where(cm, m.image_pos_ln(raw), m.pos_ln(raw))
+        else:
+            pos = m.pos_ln(tok_pos).expand(b, -1, -1)
+        self_abs = _abs_bias(m.self_pos_q_linear, m.self_pos_k_linear, pos, pos, heads, s)
         cross_k = _pos_heads(m.cross_pos_k_linear, enc_pos_embed, heads)                # [B, H, S, d]
-        if kept is not None:
-            kept["k"] = cross_k
-    cross = torch.matmul(_pos_heads(m.cross_pos_q_linear, pos[:, start:], heads) * s, cross_k.transpose(-1, -2))
+        cross = torch.matmul(_pos_heads(m.cross_pos_q_linear, pos[:, start:], heads) * s,
+                             cross_k.transpose(-1, -2))
     x = token_embeddings
     if cm is None:
         x = m.layernorm_embedding(x)
@@ -253,19 +261,53 @@ def embed_decoder(m: nn.Module, cfg: ModelConfig, token_embeddings: Tensor, prev
             "self_padding_mask": pad if bool(pad.any()) else None, "start": start}
 
 
+def _step_biases(m: nn.Module, heads: int, s: float, tok_pos: Tensor, image_position_idx: Tensor,
+                 code_masks: Tensor | None, start: int, cross_k: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """Incremental decoding's biases for the query rows start…T−1 of `rows` decoder rows. Every row sits at the same
+    positions, so each bias is computed once per position kind (text, and image codes when `code_masks` is given:
+    both, then selected per row, as the full path does) at batch 1.
+    Returns (self bias [1, H, T', T], or [rows, H, T', T] with code_masks; cross bias). With B = cross_k's rows and
+    n = rows / B > 1 (grouped cross-attention) the cross bias is [B, H, n·T', S] ([B, H, 1, S] when T' = 1 and no
+    code_masks: it broadcasts over the n rows); with n = 1 it is [rows, H, T', S]."""
+    T = tok_pos.shape[1]
+    kinds = [m.pos_ln(tok_pos)]
+    if code_masks is not None:
+        kinds.append(m.image_pos_ln(m.embed_image_positions(image_position_idx[:T])[None]))
+    selfs, crosses = [], []
+    for p in kinds:                                                                     # p [1, T, C]
+        selfs.append(_abs_bias(m.self_pos_q_linear, m.self_pos_k_linear, p[:, start:], p, heads, s))
+        q = _pos_heads(m.cross_pos_q_linear, p[:, start:], heads) * s                  # [1, H, T', d]
+        crosses.append(torch.matmul(q, cross_k.transpose(-1, -2)))                     # [B, H, T', S]
+    b = cross_k.shape[0]
+    n, t_new = rows // b, T - start
+    if code_masks is None:
+        cross = crosses[0]
+        if n > 1 and t_new > 1:
+            cross = cross[:, :, None].expand(-1, -1, n, -1, -1).flatten(2, 3)
+        return selfs[0], cross
+    sel = code_masks[:, None, None, None]
+    self_abs = torch.where(sel, selfs[1], selfs[0])
+    if n == 1:
+        return self_abs, torch.where(sel, crosses[1], crosses[0])
+    g = code_masks.view(b, n)[:, None, :, None, None]                                   # [B, 1, n, 1, 1]
+    return self_abs, torch.where(g, crosses[1][:, :, None], crosses[0][:, :, None]).flatten(2, 3)
+
+
 def decoder_layer_bias(token_table: nn.Embedding, image_table: nn.Embedding, token_rp_bucket: Tensor,
                        image_rp_bucket: Tensor, image_position_idx: Tensor, self_abs_bias: Tensor,
                        code_masks: Tensor | None, start: int = 0) -> Tensor:
     """Self-attention bias of one decoder layer for the query rows start…T−1, [B, H, T−start, T]: the shared
-    absolute bias [B, H, T, T] (from `embed_decoder`) + this layer's relative table, 1-D buckets for text samples,
-    2-D buckets of the code positions for the samples whose `code_masks` [B] (bool) is set."""
+    absolute bias (from `embed_decoder`: [B, H, T, T], or only its last rows [B or 1, H, T−start, T] when
+    incremental) + this layer's relative table, 1-D buckets for text samples, 2-D buckets of the code positions
+    for the samples whose `code_masks` [B] (bool) is set."""
     T = self_abs_bias.shape[-1]
-    rel = token_table(token_rp_bucket[:T, :T]).permute(2, 0, 1)[None]
+    q0 = T - self_abs_bias.shape[-2]                        # first query row held in self_abs_bias
+    rel = token_table(token_rp_bucket[q0:T, :T]).permute(2, 0, 1)[None]
     if code_masks is not None:
         pid = image_position_idx[:T]
-        img_rel = image_table(image_rp_bucket[pid[:, None], pid[None, :]])
+        img_rel = image_table(image_rp_bucket[pid[q0:, None], pid[None, :]])
         rel = torch.where(code_masks[:, None, None, None], img_rel.permute(2, 0, 1)[None], rel)
-    return (self_abs_bias + rel)[:, :, start:]
+    return (self_abs_bias + rel)[:, :, start - q0:]
 
 
 class Encoder(nn.Module):

@@ -82,7 +82,8 @@ class MarkovModel:
         start = 0 if cache is None else cache.get("length", 0)
         if cache is not None:
             cache["length"] = prev.shape[1]
-        return self.table[prev[:, start:]] + enc.hidden[:, None, :]
+        h = enc.hidden.repeat_interleave(prev.shape[0] // enc.hidden.shape[0], 0)   # one encoder row per sentence
+        return self.table[prev[:, start:]] + h[:, None, :]
 
     def logprob(self, b, seq):
         s, prev = 0.0, 0
