@@ -14,8 +14,10 @@
   `CheckpointError` live in ofa_ds/model/weights.py (so that `OFAModel.from_pretrained` needs nothing from here)
   and are re-exported by this module, the one entry point for weights in and out.
 
-CLI: `python -m ofa_ds.checkpoint to-folder ofa_tiny.pt out_dir [--ema]` and
-`python -m ofa_ds.checkpoint to-official out_dir ofa_tiny.pt`.
+CLI: `python -m ofa_ds.checkpoint to-folder ofa_tiny.pt out_dir [--ema]`,
+`python -m ofa_ds.checkpoint to-official out_dir ofa_tiny.pt` and
+`python -m ofa_ds.checkpoint merge-prompts MODEL prompts.safetensors DST` (a prompt-tuning run's prompts merged into
+the frozen model it tuned; DST a folder, or an official .pt when it ends in .pt).
 """
 from __future__ import annotations
 
@@ -121,7 +123,28 @@ def config_from_checkpoint(ckpt: dict, state: dict[str, torch.Tensor]) -> ModelC
         scale_fc="encoder.layers.0.ffn_layernorm.weight" in state,
         scale_heads="encoder.layers.0.self_attn.c_attn" in state,
         frozen_bn=not any(k.endswith("num_batches_tracked") for k in state),
+        **_prompt_fields(state, int(emb.shape[1]) if emb is not None else base.d_model),
     )
+
+
+def _prompt_fields(state: dict[str, torch.Tensor], d_model: int) -> dict[str, Any]:
+    """ModelConfig prompt fields from the prompt-tuning keys of a state dict (none: no prompts)."""
+    out: dict[str, Any] = {}
+    dims = set()
+    for side in ("encoder", "decoder"):
+        emb = state.get(f"{side}.{side}_prompt_encoder.embedding.weight")
+        if emb is None:
+            continue
+        out[f"{side}_prompt_length"] = int(emb.shape[0])
+        first = state.get(f"{side}.{side}_prompt_encoder.trans.0.weight")
+        dims.add(None if first is None else int(first.shape[0]))
+    if len(dims) > 1:
+        raise CheckpointError(f"prompt encoders with and without projection, or of different widths ({dims}); "
+                              f"ofa_ds supports one prompt_projection/prompt_dim for both sides")
+    if dims and None not in dims:
+        dim = dims.pop()
+        out.update(prompt_projection=True, prompt_dim=0 if dim == 2 * d_model else dim)
+    return out
 
 
 def load_official(path: str, ema: bool = False, **config_overrides: Any) -> OFAModel:
@@ -165,7 +188,19 @@ def _namespace_for(cfg: ModelConfig) -> argparse.Namespace:
         entangle_position_embedding=cfg.entangle_position_embedding,
         share_all_embeddings=True, encoder_normalize_before=True, decoder_normalize_before=True,
         add_type_embedding=True, layernorm_embedding=True, patch_layernorm_embedding=True,
-        code_layernorm_embedding=True, num_bins=cfg.num_bins, bpe="gpt2" if cfg.vocab_size > 40000 else "bert")
+        code_layernorm_embedding=True, num_bins=cfg.num_bins, bpe="gpt2" if cfg.vocab_size > 40000 else "bert",
+        **_prompt_namespace(cfg))
+
+
+def _prompt_namespace(cfg: ModelConfig) -> dict[str, Any]:
+    """OFA's prompt-tuning model flags for a model with prompts (nothing for one without)."""
+    out: dict[str, Any] = {}
+    for side, n in (("encoder", cfg.encoder_prompt_length), ("decoder", cfg.decoder_prompt_length)):
+        if n > 0:
+            out.update({f"{side}_prompt": True, f"{side}_prompt_type": "prefix", f"{side}_prompt_length": n,
+                        f"{side}_prompt_projection": cfg.prompt_projection,
+                        f"{side}_prompt_dim": cfg.prompt_dim or 2 * cfg.d_model})
+    return out
 
 
 def save_official(model: OFAModel, path: str, template: str | None = None, ema_state: dict | None = None) -> None:
@@ -218,15 +253,23 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("to-official", help="folder (or official .pt) -> official .pt")
     b.add_argument("src")
     b.add_argument("dst")
+    c = sub.add_parser("merge-prompts", help="model (folder or .pt) + prompts.safetensors -> folder or .pt")
+    c.add_argument("src")
+    c.add_argument("prompts")
+    c.add_argument("dst")
     args = p.parse_args(argv)
     try:
         if args.cmd == "to-folder":
             model = load_official(args.src, ema=args.ema)
             export_folder(model, args.dst)
+        elif args.cmd == "merge-prompts":
+            from ofa_ds.model.prompt import attach_prompts
+            model = attach_prompts(load_any(args.src), args.prompts)
+            (save_official if args.dst.endswith(".pt") else export_folder)(model, args.dst)
         else:
             model = load_any(args.src)
             save_official(model, args.dst)
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"written": args.dst, "preset": model.cfg.name, "params": model.num_params()}))

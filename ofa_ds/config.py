@@ -99,6 +99,19 @@ class ModelConfig:
     kernel_backend: KernelBackend = "torch"
     """Attention/LayerNorm implementation: 'torch', 'triton', or 'auto' (Triton on CUDA with compute capability
     >= 8)."""
+    encoder_prompt_length: int = 0
+    """Prompt tuning (OFA's --encoder-prompt, type prefix): this many trainable prefix keys and values in the
+    self-attention of every encoder layer, parameters `encoder.encoder_prompt_encoder.*`; 0 = none
+    (ofa_ds/model/prompt.py, docs/ofa.md#prompt-tuning)."""
+    decoder_prompt_length: int = 0
+    """Prompt tuning (OFA's --decoder-prompt): prefix keys/values in every decoder self-attention; 0 = none."""
+    prompt_projection: bool = False
+    """OFA's --encoder/decoder-prompt-projection: the prompts come from a [P, C] table through an MLP
+    (Linear(C, prompt_dim), ReLU, Linear(prompt_dim, layers·2·C)) instead of one [P, layers·2·C] table."""
+    prompt_dim: int = 0
+    """Hidden width of that MLP (OFA's --encoder/decoder-prompt-dim); 0 = 2·d_model (OFA's default)."""
+    prompt_dropout: float = 0.2
+    """Dropout on the prompt keys/values before they enter attention (OFA: 0.2, fixed)."""
 
     def __post_init__(self) -> None:
         self.resnet_layers = tuple(self.resnet_layers)  # JSON gives a list
@@ -110,6 +123,10 @@ class ModelConfig:
             raise ValueError(f"normformer_init must be >= 0, got {self.normformer_init}")
         if len(self.resnet_layers) != 3:
             raise ValueError(f"resnet_layers needs three stage depths, got {self.resnet_layers}")
+        if min(self.encoder_prompt_length, self.decoder_prompt_length, self.prompt_dim) < 0:
+            raise ValueError(f"prompt lengths and prompt_dim must be >= 0, got encoder_prompt_length "
+                             f"{self.encoder_prompt_length}, decoder_prompt_length {self.decoder_prompt_length}, "
+                             f"prompt_dim {self.prompt_dim}")
 
     @property
     def head_dim(self) -> int:
@@ -164,6 +181,36 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 # ====================================================================================================================
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 LossName = Literal["ce", "encouraging"]
+
+
+@dataclass
+class PromptTuningConfig:
+    """Prompt tuning (OFA-prompt): trainable prefix keys/values in every encoder and/or decoder self-attention, the
+    rest of the model frozen. On when either length is > 0; the run then builds the model with these prompts
+    (ModelConfig.encoder_prompt_length ...), trains only `*_prompt_encoder.*` and writes them on their own to
+    <out>/prompts.safetensors (docs/training.md#prompt-tuning)."""
+
+    encoder_length: int = 0
+    """Prefix length P in every encoder layer (OFA's --encoder-prompt-length; its script: 100); 0 = none."""
+    decoder_length: int = 0
+    """Prefix length in every decoder layer (OFA's --decoder-prompt-length; its script: 100); 0 = none."""
+    projection: bool = False
+    """Reparameterise the prompts through an MLP (OFA's --*-prompt-projection; its script: off)."""
+    prompt_dim: int = 0
+    """Hidden width of that MLP; 0 = 2·d_model (OFA's default)."""
+    dropout: float = 0.2
+    """Dropout on the prompt keys/values (OFA: 0.2)."""
+    prompts: str = ""
+    """Start from the prompts in this file (a prompts.safetensors written by a prompt-tuning run) instead of
+    N(0, 0.02); its lengths and projection must match the ones above."""
+
+    def __post_init__(self) -> None:
+        if min(self.encoder_length, self.decoder_length, self.prompt_dim) < 0:
+            raise ValueError(f"train.prompt_tuning lengths and prompt_dim must be >= 0, got {self}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.encoder_length > 0 or self.decoder_length > 0
 
 
 @dataclass
@@ -244,9 +291,14 @@ class TrainConfig:
     """Progress bar with ETA on rank 0 (stderr)."""
     record_ids: bool = False
     """Append the sample ids of every step to <out>/ids_rank<r>.jsonl (resume checks, data debugging)."""
+    prompt_tuning: PromptTuningConfig = field(default_factory=PromptTuningConfig)
+    """Prompt tuning: prefix prompts trained, everything else frozen (off unless a length is > 0)."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        if isinstance(self.prompt_tuning, dict):                       # from JSON / --set
+            check_keys(PromptTuningConfig, self.prompt_tuning, "train.prompt_tuning")
+            self.prompt_tuning = PromptTuningConfig(**self.prompt_tuning)
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.token_weighting not in ("token", "sample"):

@@ -12,6 +12,9 @@
   docs/ofa.md#hyperparameters). Epoch-based scripts set `train.epochs` (steps derived from the data size, as OFA's
   --max-epoch). Recipes for tasks with synthetic files (caption, vqa, refcoco*, snli_ve) point there by default;
   imagenet, gigaword and GLUE need `--set data.data=train.tsv,valid.tsv`.
+* `<task>_prompt` (vqa, caption, refcoco, snli_ve) are prompt tuning on top of the task's recipe, with the values
+  of OFA's only prompt-tuning script (RefCOCO): prefix length 100 in every encoder and decoder layer, no projection,
+  100 epochs, lr 1e-4 (one of its grid's values); everything but the prompts frozen (docs/training.md#prompt-tuning).
 Not reproduced: VQA's EMA weights (0.9999) and SCST (caption stage 2) — see docs/training.md#recipes.
 """
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from ofa_ds.config import EvalConfig, RunConfig, TrainConfig, preset
+from ofa_ds.config import EvalConfig, PromptTuningConfig, RunConfig, TrainConfig, preset
 from ofa_ds.data.config import DataConfig
 
 SYNTHETIC_ROOT = os.environ.get("OFA_DS_SYNTHETIC", "data/synthetic")
@@ -174,6 +177,18 @@ def glue(task: str) -> RunConfig:
     return _finetune(f"glue_{task}", d, lr=1e-4, grad_accum=1, drop_path=0.1, ls=0.0, epochs=5)
 
 
+def prompt_recipe(task: str) -> RunConfig:
+    """Prompt tuning of `task` (caption, vqa, refcoco, snli_ve) as OFA's train_refcoco_prefix.sh: the task recipe with
+    prefix prompts of length 100 in every encoder and decoder layer (no projection), lr 1e-4, 100 epochs, warmup
+    6%; only the prompts train. Start from a trained model: --init."""
+    run = RECIPES[task]()
+    run.name, run.out_dir = f"{task}_prompt", f"runs/{task}_prompt"
+    run.train.prompt_tuning = PromptTuningConfig(encoder_length=100, decoder_length=100)
+    run.train.lr, run.train.epochs, run.train.warmup_steps, run.train.warmup_ratio = 1e-4, 100, -1, 0.06
+    run.train.freeze_embeddings = False                     # everything but the prompts is frozen anyway
+    return run
+
+
 def _with(fn: Callable[..., RunConfig], *a, **kw) -> Callable[[], RunConfig]:
     return lambda: fn(*a, **kw)
 
@@ -191,6 +206,7 @@ RECIPES: dict[str, Callable[[], RunConfig]] = {
     "imagenet": imagenet, "gigaword": gigaword,
     **{f"glue_{t}": _with(glue, t) for t in ("cola", "sst2", "mrpc", "qqp", "mnli", "rte", "qnli")},
 }
+RECIPES.update({f"{t}_prompt": _with(prompt_recipe, t) for t in ("caption", "vqa", "refcoco", "snli_ve")})
 
 
 def get_recipe(name: str) -> RunConfig:

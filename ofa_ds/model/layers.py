@@ -41,6 +41,9 @@ class MultiheadAttention(nn.Module):
     queries R = n·B rows, query rows b·n … b·n+n−1 all attend to row b's keys. They are folded into one
     [B, H, n·L, d] query block, so each sentence's encoder K/V are projected, stored and read once, not per beam.
     The bias is then either per query row [R, H, L, S] or already grouped, [B or 1, H, n·L or 1, S].
+
+    `prompt_kv` (prompt tuning, ofa_ds/model/prompt.py): prefix keys and values [B, H, P, d] prepended after the
+    cache update (never cached), with zero bias columns and no padding.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -62,7 +65,8 @@ class MultiheadAttention(nn.Module):
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, query: Tensor, key_value: Tensor, *, bias: Tensor | None, key_padding_mask: Tensor | None,
-                causal: bool = False, cache: dict | None = None, static_kv: bool = False) -> Tensor:
+                causal: bool = False, cache: dict | None = None, static_kv: bool = False,
+                prompt_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
         q = self._heads(self.q_proj(query) * self.scaling)
         if static_kv and cache is not None and "k" in cache:
             k, v = cache["k"], cache["v"]
@@ -73,6 +77,8 @@ class MultiheadAttention(nn.Module):
                     k = torch.cat([cache["k"], k], dim=2)
                     v = torch.cat([cache["v"], v], dim=2)
                 cache["k"], cache["v"] = k, v
+        if prompt_kv is not None:
+            k, v, bias, key_padding_mask = _prepend_prompt(prompt_kv, k, v, bias, key_padding_mask)
         if static_kv and k.shape[0] != q.shape[0]:
             o = self._grouped(q, k, v, bias, key_padding_mask)
         else:
@@ -98,6 +104,21 @@ class MultiheadAttention(nn.Module):
         o = kernels.attention(qg, k, v, bias=bias, key_padding_mask=key_padding_mask, scale=1.0,
                               dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
         return o.view(b, h, n, n_q, d).transpose(1, 2).reshape(r, h, n_q, d)
+
+
+def _prepend_prompt(prompt_kv: tuple[Tensor, Tensor], k: Tensor, v: Tensor, bias: Tensor | None,
+                    key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """K = [prompt_k ; k], V = [prompt_v ; v] on the key axis; the bias gets P zero columns on the left (the position
+    bias covers the real keys only) and the padding mask P False columns. A causal mask stays right: it is
+    bottom-right aligned, so every query sees the P prefix keys."""
+    pk, pv = prompt_kv
+    n = pk.shape[2]
+    k, v = torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
+    if bias is not None:
+        bias = F.pad(bias, (n, 0))
+    if key_padding_mask is not None:
+        key_padding_mask = F.pad(key_padding_mask, (n, 0), value=False)
+    return k, v, bias, key_padding_mask
 
 
 def _ffn(layer: nn.Module, x: Tensor) -> Tensor:
@@ -126,9 +147,10 @@ class EncoderLayer(nn.Module):
         self.final_layer_norm = LayerNorm(cfg.d_model, be)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None, bias: Tensor) -> Tensor:
+    def forward(self, x: Tensor, padding_mask: Tensor | None, bias: Tensor,
+                prompt_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
         h = self.self_attn_layer_norm(x)
-        h = self.self_attn(h, h, bias=bias, key_padding_mask=padding_mask)
+        h = self.self_attn(h, h, bias=bias, key_padding_mask=padding_mask, prompt_kv=prompt_kv)
         if self.attn_ln is not None:
             h = self.attn_ln(h)
         x = x + self.drop_path(F.dropout(h, self.dropout, self.training))
@@ -157,10 +179,11 @@ class DecoderLayer(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, enc: Tensor, enc_padding_mask: Tensor | None, self_bias: Tensor,
-                cross_bias: Tensor, self_padding_mask: Tensor | None, cache: dict | None = None) -> Tensor:
+                cross_bias: Tensor, self_padding_mask: Tensor | None, cache: dict | None = None,
+                prompt_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
         h = self.self_attn_layer_norm(x)
         h = self.self_attn(h, h, bias=self_bias, key_padding_mask=self_padding_mask, causal=True,
-                           cache=None if cache is None else cache.setdefault("self", {}))
+                           cache=None if cache is None else cache.setdefault("self", {}), prompt_kv=prompt_kv)
         if self.self_attn_ln is not None:
             h = self.self_attn_ln(h)
         x = x + self.drop_path(F.dropout(h, self.dropout, self.training))

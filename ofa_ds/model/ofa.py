@@ -26,6 +26,8 @@ What is unusual about OFA, and what this file does about it:
     them with their own submodules, the pipeline stages (`ofa_ds.training.pipeline`) with theirs (same names, same
     parameters), so both layouts compute one function.
   * `forward(..., keep=mask)` projects only the kept (real target) rows: packed logits [N, V] for training.
+  * Prompt tuning (`cfg.encoder_prompt_length` / `decoder_prompt_length` > 0): `encoder_prompt_encoder` /
+    `decoder_prompt_encoder` give every layer prefix keys/values for its self-attention (ofa_ds/model/prompt.py).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from ofa_ds.config import ModelConfig
 from ofa_ds.model.layers import DecoderLayer, EncoderLayer, LayerNorm
 from ofa_ds.model.positions import (image_position_ids, make_decoder_image_position_idx, make_image_rp_bucket,
                                     make_token_rp_bucket)
+from ofa_ds.model.prompt import build_prompt_encoder
 from ofa_ds.model.resnet import ResNet, linspace
 
 PAD = 1
@@ -328,6 +331,7 @@ class Encoder(nn.Module):
             nn.Embedding(n_img_rel, cfg.num_heads) for _ in range(cfg.encoder_layers))
         self.register_buffer("token_rp_bucket", make_token_rp_bucket(cfg.token_bucket_size, cfg.max_source_positions))
         self.register_buffer("image_rp_bucket", make_image_rp_bucket(cfg.image_bucket_size))
+        self.encoder_prompt_encoder = build_prompt_encoder(cfg, "encoder")
 
     def embed(self, src_tokens: Tensor, patch_images: Tensor | None = None, patch_masks: Tensor | None = None,
               sample_patch_num: int | None = None) -> dict:
@@ -339,11 +343,12 @@ class Encoder(nn.Module):
                 sample_patch_num: int | None = None) -> EncoderOut:
         state = self.embed(src_tokens, patch_images, patch_masks, sample_patch_num)
         x = state["x"]
+        prompts = self.encoder_prompt_encoder(x.shape[0]) if self.encoder_prompt_encoder is not None else None
         for idx, layer in enumerate(self.layers):
             bias = encoder_layer_bias(self.token_rel_pos_table_list[idx], self.image_rel_pos_table_list[idx],
                                       self.token_rp_bucket, self.image_rp_bucket, state["abs_bias"],
                                       state["num_text"], state["image_pid"])
-            x = layer(x, state["padding_mask"], bias)
+            x = layer(x, state["padding_mask"], bias, prompt_kv=None if prompts is None else prompts[idx])
         return EncoderOut(self.layer_norm(x), state["padding_mask"], state["pos_embed"])
 
 
@@ -369,6 +374,7 @@ class Decoder(nn.Module):
         self.register_buffer("image_rp_bucket", make_image_rp_bucket(cfg.image_bucket_size))
         self.register_buffer("image_position_idx", make_decoder_image_position_idx(cfg.code_image_size,
                                                                                    cfg.image_bucket_size))
+        self.decoder_prompt_encoder = build_prompt_encoder(cfg, "decoder")
 
     def embed(self, prev_output_tokens: Tensor, enc: EncoderOut, code_masks: Tensor | None = None,
               start: int = 0, cache: dict | None = None) -> dict:
@@ -385,13 +391,14 @@ class Decoder(nn.Module):
                 raise ValueError(f"cache already holds {start} positions; give the prefix plus new tokens")
         state = self.embed(prev_output_tokens, enc, code_masks, start, cache)
         x = state["x"]
+        prompts = self.decoder_prompt_encoder(x.shape[0]) if self.decoder_prompt_encoder is not None else None
         for idx, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.setdefault(idx, {})
             bias = decoder_layer_bias(self.token_rel_pos_table_list[idx], self.image_rel_pos_table_list[idx],
                                       self.token_rp_bucket, self.image_rp_bucket, self.image_position_idx,
                                       state["self_abs_bias"], state["code_masks"], start)
             x = layer(x, enc.hidden, enc.padding_mask, bias, state["cross_bias"], state["self_padding_mask"],
-                      layer_cache)
+                      layer_cache, prompt_kv=None if prompts is None else prompts[idx])
         if cache is not None:
             cache["length"] = prev_output_tokens.shape[1]
         x = self.layer_norm(x)

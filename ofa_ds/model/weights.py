@@ -4,7 +4,9 @@
   the official checkpoints) and accounts for every key: missing, unexpected and mis-shaped entries are all named in
   one `CheckpointError`. The three tied token tables (`TIED`) may be stored once; if more are stored they must be
   equal. The index buffers in `DERIVED_BUFFERS` are recomputed by the model, so they may be absent; the relative
-  position bucket tables, when present, must equal the ones the model builds.
+  position bucket tables, when present, must equal the ones the model builds. Prompt-tuning parameters
+  (`*_prompt_encoder.*`) the model has and the file lacks keep the model's fresh values, as OFA's
+  upgrade_state_dict_named does: a pretrained checkpoint loads into a model built with prompts.
 * `export_folder(model, folder)` writes `config.json` (the ModelConfig) + `model.safetensors` (tied table once,
   derived buffers omitted) + the tokenizer files; `read_folder(folder)` returns its config and state dict, and
   `OFAModel.from_pretrained(folder)` builds the model from them.
@@ -51,6 +53,9 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], where: s
     own = model.state_dict()
     for k in DERIVED_BUFFERS:  # recomputable: accept their absence (folders), check their values when present
         if k not in state:
+            state[k] = own[k]
+    for k in own:              # prompts the file does not have: the model's own (fresh) ones
+        if "_prompt_encoder." in k and k not in state:
             state[k] = own[k]
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from ofa_ds.config import RunConfig
 from ofa_ds.data.tsv import CATEGORIES
 from ofa_ds.model import OFAModel
-from ofa_ds.training import evaluate
+from ofa_ds.training import evaluate, prompt_tuning
 from ofa_ds.training.checkpoints import (RUN_OWN_MODEL_FIELDS, check_resume_model, find_resume_tag, load_checkpoint,
                                          resume_failure, save_checkpoint, tag_for)
 from ofa_ds.training.dense import DenseStrategy
@@ -74,7 +74,7 @@ def load_init(run: RunConfig) -> OFAModel | None:
     check_readable(init, "--init checkpoint")
     if os.path.isdir(init) and os.path.isdir(os.path.join(init, "final")):
         init = os.path.join(init, "final")
-    keep = {k: getattr(run.model, k) for k in RUN_OWN_MODEL_FIELDS}
+    keep = {k: getattr(run.model, k) for k in RUN_OWN_MODEL_FIELDS} | prompt_tuning.model_overrides(run)
     from ofa_ds.checkpoint import load_any
     return load_any(init, **keep)
 
@@ -107,13 +107,15 @@ class Trainer:
         torch.manual_seed(run.train.seed)
         init = load_init(run)
         self.precision = resolve_precision(run.train.precision, raw_ds_config(run.ds_config))
-        self.run_cfg = dataclasses.replace(run, model=init.cfg if init is not None else run.model,
+        model_cfg = prompt_tuning.model_config(run, init.cfg if init is not None else run.model)
+        self.run_cfg = dataclasses.replace(run, model=model_cfg,
                                        train=dataclasses.replace(run.train, precision=self.precision))
         self.model_cfg = self.run_cfg.model
         if self.resume_tag is not None:
             check_resume_model(self.ckpt_dir, self.resume_tag, self.run_cfg)
         module = strategy.build(self, init)
         del init
+        prompt_tuning.prepare(self, module)
         from ofa_ds.data import DataStream
         self.stream = DataStream(self.run_cfg.data, "train", *strategy.data_shard(self))
         self.tok = self.stream.task.tok
@@ -279,7 +281,9 @@ class Trainer:
 
     def _save(self) -> str:
         client = {"data": self.stream.state_dict(), "skipped": self.skipped, "config": self.run_cfg.to_dict()}
-        return save_checkpoint(self.engine, self.ckpt_dir, self.step, client, self.run_cfg.train.keep_checkpoints)
+        tag = save_checkpoint(self.engine, self.ckpt_dir, self.step, client, self.run_cfg.train.keep_checkpoints)
+        prompt_tuning.save(self)
+        return tag
 
     def _export(self, tag: str) -> None:
         final = os.path.join(self.out, "final")
@@ -289,6 +293,7 @@ class Trainer:
             raise write_failure(e, final, f"exporting the final weights to {final}",
                                 f"the checkpoint {os.path.join(self.ckpt_dir, tag)} is complete: rerun with --resume "
                                 f"to export it again") from e
+        prompt_tuning.save_final(self)
 
     def run(self) -> dict[str, Any]:
         t_start = time.time()
@@ -343,7 +348,8 @@ class Trainer:
         RSS on CPU, over the whole run including evaluation and export)."""
         peaks = all_reduce([peak_mem_gib() if r == self.rank else 0.0 for r in range(self.world)])
         return {"world_size": self.world, "precision": self.precision, "zero_stage": zero_stage(self.ds_cfg),
-                "peak_mem_gib_ranks": [round(x, 3) for x in peaks], **self.strategy.facts(self)}
+                "peak_mem_gib_ranks": [round(x, 3) for x in peaks], **self.strategy.facts(self),
+                **prompt_tuning.facts(self)}
 
     def _log(self, log: MetricsLogger, acc: dict, st: dict, lr: float) -> None:
         n, secs = max(acc["n"], 1), max(acc["time"], 1e-9)
