@@ -138,6 +138,7 @@ def parse_args(argv=None):
     p.add_argument("--add-caption", action="store_true", help="SNLI-VE: premise in the prompt (released finetunes)")
     p.add_argument("--caption-tokenizer", default="auto", choices=["auto", "python", "java", "none"])
     p.add_argument("--ema", action="store_true", help="official .pt: evaluate the EMA weights")
+    p.add_argument("--prompts", default="", help="prompts.safetensors of a prompt-tuning run, merged into the model")
     p.add_argument("--preset", default=None, help="model preset when a training checkpoint has no config.json")
     p.add_argument("--max-samples", type=int, default=0, help="evaluate only the first N rows (0 = all)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -190,7 +191,14 @@ def evaluate(args) -> int:
                         zero_shot=args.zero_shot,
                         max_image_size=args.max_image_size, caption_tokenizer=args.caption_tokenizer)
     t0 = time.time()
-    model = load_model(args.checkpoint, ema=args.ema, preset_name=args.preset).to(device=device, dtype=dtype).eval()
+    model = load_model(args.checkpoint, ema=args.ema, preset_name=args.preset)
+    if args.prompts:                                   # a prompt-tuning run's prompts on the frozen model
+        from ofa_ds.model.prompt import attach_prompts
+        try:
+            attach_prompts(model, args.prompts)
+        except ValueError as e:
+            raise RunFault(f"--prompts: {e}", status=2) from None
+    model = model.to(device=device, dtype=dtype).eval()
     log(f"rank {rank}/{world}: model {model.cfg.name} loaded in {time.time() - t0:.1f}s on {device} ({args.dtype})")
     records: list[dict] = []
     t0, n_seen = time.time(), 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
 
 import torch
 import torch.nn.functional as F
@@ -97,11 +98,21 @@ def has_prompts(cfg: ModelConfig) -> bool:
 
 
 def freeze_all_but_prompts(model: nn.Module) -> tuple[int, int]:
-    """OFA's prompt-tuning freeze: every parameter off except the prompt encoders'. Returns (trainable, total)
-    parameter counts (the tied token table counted once)."""
+    """OFA's prompt-tuning freeze: every parameter off except the prompt encoders'. The ResNet's BatchNorm layers
+    also stay in eval mode for good (running statistics used, never updated; OFA's code would update them unless
+    --freeze-resnet), so the frozen model is exactly the one the prompts were tuned on and a prompts file alone
+    reproduces the tuned model. Returns (trainable, total) parameter counts (the tied token table counted once)."""
     for name, p in model.named_parameters():
         p.requires_grad_(is_prompt_param(name))
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train = types.MethodType(_stay_in_eval, m)
+            m.eval()
     return count_params(model)
+
+
+def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(self, False)
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -185,7 +196,6 @@ def attach_prompts(model: nn.Module, path: str) -> nn.Module:
 def add_prompt_encoders(model: nn.Module, cfg: ModelConfig) -> None:
     """Give an OFAModel the prompt encoders `cfg` describes (fresh N(0, 0.02), OFA's init), replacing any it has
     whose shape differs, and make `cfg` the model's config."""
-    from ofa_ds.model.ofa import bert_init_
     dev = next(model.parameters()).device
     for side in SIDES:
         part = getattr(model, side)
@@ -195,9 +205,12 @@ def add_prompt_encoders(model: nn.Module, cfg: ModelConfig) -> None:
             old.dropout = new.dropout
             continue
         if new is not None:
-            for m in new.modules():
-                bert_init_(m)
-            new.to(dev)
+            for m in new.modules():                                     # OFA's init_bert_params
+                if isinstance(m, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(m.weight, std=0.02)
+                if isinstance(m, nn.Linear):
+                    nn.init.zeros_(m.bias)
+            new.to(dev).train(part.training)
         setattr(part, prompt_key(side), new)
         part.cfg = cfg
     model.cfg = cfg

@@ -140,11 +140,19 @@ class PipelineStrategy:
         self.dense: OFAModel | None = None       # rank 0's dense model for evaluation/export once training is over
         self.enc_embed = None
         self.clip = 0.0
+        self.prompts = run.train.prompt_tuning.enabled
 
     def check(self, world: int | None) -> None:
         check_pipeline_config(self.raw, self.where, world)
+        if self.prompts:
+            raise ConfigMismatch(f"{self.where}: a \"pipeline\" block together with train.prompt_tuning; the pipeline "
+                                 f"stages have no prompt encoders. Prompt-tune with the dense strategy (ZeRO 0-3).")
 
     def build(self, tr, init: OFAModel | None) -> torch.nn.Module:
+        from ofa_ds.model.prompt import has_prompts
+        if has_prompts(tr.model_cfg):
+            raise ConfigMismatch(f"{self.where}: the model has prompt-tuning prompts (from --init); the pipeline "
+                                 f"stages have none. Train it with the dense strategy (ZeRO 0-3).")
         dense_state = None if init is None else init.state_dict()
         self.loss_fn = StepLoss(self, tr)
         module = pipeline.build_pipeline(tr.model_cfg, num_stages=self.stages, loss_fn=self.loss_fn,
