@@ -219,3 +219,21 @@ def test_train_prompt_tuning_section_in_json_and_set():
         r = get_recipe(f"{task}_prompt")
         assert r.train.prompt_tuning.encoder_length == r.train.prompt_tuning.decoder_length == 100
         assert r.data.task == get_recipe(task).data.task
+
+
+def test_beam_search_with_prompts_scores_what_teacher_forcing_scores():
+    """Beam search (cached decoder, beams sharing the encoder rows) on a prompted model: the best hypothesis'
+    per-token log-probabilities equal a plain teacher-forced forward of the same tokens."""
+    from ofa_ds.generation import GenerationConfig, generate
+    torch.manual_seed(0)
+    m = OFAModel(small(encoder_prompt_length=3, decoder_prompt_length=4)).eval()
+    src, img, pm, _ = batch()
+    with torch.no_grad():
+        hyps = generate(m, {"src_tokens": src, "patch_images": img, "patch_masks": pm},
+                        GenerationConfig(beam=3, max_len_b=4, min_len=1))
+        for i, h in enumerate(hyps):
+            toks = h[0]["tokens"]
+            prev = torch.cat([torch.zeros(1, dtype=torch.long), toks[:-1]])[None]
+            lp = m(src[i:i + 1], img[i:i + 1], pm[i:i + 1], prev).float().log_softmax(-1)[0]
+            torch.testing.assert_close(h[0]["positional_scores"], lp.gather(1, toks[:, None])[:, 0],
+                                       rtol=1e-4, atol=1e-4)
