@@ -1,0 +1,205 @@
+"""`Predictor`: one OFA checkpoint answering every task, with OFA's prompts and decoding settings as defaults.
+
+    p = Predictor("ofa_base.pt")                          # official .pt, exported folder, or a run's checkpoint
+    p.caption("cat.jpg").text
+    p.vqa(["a.jpg", pil_image], "what color is the car?")  # one question for every image, or one per image
+    p.ground("street.jpg", "the man in red").box           # (x0, y0, x1, y1) in the input image's pixels
+
+Every task method takes one input or a list (or any iterable) of them and returns one `Prediction` or a list;
+`predict(task, requests)` is the streaming form behind them (and the CLI): it reads the requests lazily, one batch of
+`batch_size` at a time, so a list of 1,000 paths never holds more than one batch of decoded images, and yields the
+records in input order. A bad input (missing file, unreadable image, empty question) becomes a record with `error`
+set to a one-line reason; the other inputs go on.
+
+Records are plain dataclasses: `text` (caption, answer, class, summary), `score` (see ofa_ds.predict.tasks),
+`box` (grounding), `error`, `input` (the path or a name like "<PIL image #3>") and `id` (a request's own id).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional, Union
+
+import torch
+
+from .inputs import InputError, describe
+from .loading import load_model, pick_device, pick_dtype, vocabulary
+from .tasks import ALIASES, SPECS, Spec
+
+
+@dataclass
+class Prediction:
+    """The answer to one input."""
+
+    input: str
+    """What was asked about: the image path, "<PIL image #i>", "<text #i>", or the name the caller gave."""
+    text: Optional[str] = None
+    """Caption, answer, class name, entailment answer (yes / no / maybe) or summary; None for grounding."""
+    score: Optional[float] = None
+    """Generation: the best hypothesis' length-normalised log-prob; candidate scoring: the chosen one's log-prob."""
+    box: Optional[list[float]] = None
+    """Grounding: (x0, y0, x1, y1) in pixels of the input image (after its EXIF rotation)."""
+    error: Optional[str] = None
+    """Why there is no answer (one line), or None."""
+    id: Any = None
+    """The request's own "id", when it had one."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+
+Inputs = Union[Any, Iterable[Any]]
+
+
+def _is_many(x: Any) -> bool:
+    """A list/tuple/iterator of inputs, as opposed to one input (a path, a PIL image, an array, a text)."""
+    import numpy as np
+    from PIL import Image
+    return not isinstance(x, (str, bytes, os.PathLike, Image.Image, np.ndarray, dict)) and hasattr(x, "__iter__")
+
+
+class Predictor:
+    """Load a checkpoint once; answer any task. `device`: 'auto' (CUDA when present), 'cpu', 'cuda:1', ...;
+    `dtype`: 'auto' (fp16 on CUDA, fp32 on CPU), 'fp32', 'fp16', 'bf16'. `checkpoint` may also be an OFAModel.
+    `image_size` replaces each task's image side (480; 512 for grounding); `exif=False` keeps images as stored."""
+
+    def __init__(self, checkpoint: Any, *, device: str = "auto", dtype: str = "auto", batch_size: int = 16,
+                 image_size: Optional[int] = None, ema: bool = False, preset: Optional[str] = None,
+                 exif: bool = True):
+        from ofa_ds.tokenizer import get_tokenizer
+        if isinstance(checkpoint, torch.nn.Module):
+            model, self.checkpoint = checkpoint, None
+        else:
+            self.checkpoint = os.fspath(checkpoint)
+            model = load_model(self.checkpoint, ema=ema, preset_name=preset)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.lang = vocabulary(self.model)
+        self.tok = get_tokenizer(self.lang)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size, self.image_size, self.exif = batch_size, image_size, exif
+
+    # ---- the tasks ---------------------------------------------------------------------------------------------------
+    def caption(self, images: Inputs, **gen: Any):
+        """What the image shows (OFA's caption prompt, beam 5, at most 16 tokens, no repeated trigrams)."""
+        return self._answer("caption", images, {}, gen)
+
+    def vqa(self, images: Inputs, questions: Union[str, Iterable[str]], answers: Optional[Iterable[str]] = None,
+            zero_shot: bool = False, **gen: Any):
+        """Answer a question per image (one question is asked of every image). Open-ended beam search by
+        default; with `answers` the best of that list by all-candidate scoring; `zero_shot` for pretrained
+        (not VQA-finetuned) checkpoints."""
+        return self._answer("vqa", images, {"question": questions}, gen,
+                            answers=list(answers) if answers is not None else None, zero_shot=zero_shot)
+
+    def ground(self, images: Inputs, texts: Union[str, Iterable[str]], restrict_bins: bool = False, **gen: Any):
+        """The box of the region a text describes, in the input image's pixels. `restrict_bins` forces the 4
+        generated tokens to be location bins (off by default, like OFA)."""
+        return self._answer("grounding", images, {"text": texts}, gen, restrict_bins=restrict_bins)
+
+    def entail(self, images: Inputs, hypotheses: Union[str, Iterable[str]],
+               premises: Union[None, str, Iterable[str]] = None, **gen: Any):
+        """Does the image (and the premise text, when given) imply the hypothesis: "yes", "no" or "maybe"."""
+        fields: dict[str, Any] = {"hypothesis": hypotheses}
+        if premises is not None:
+            fields["premise"] = premises
+        return self._answer("entailment", images, fields, gen)
+
+    def classify(self, images: Inputs, classes: Iterable[str], **gen: Any):
+        """The best of the given class names for each image (all-candidate scoring over their trie)."""
+        return self._answer("classify", images, {}, gen, classes=list(classes))
+
+    def summarize(self, texts: Union[str, Iterable[str]], **gen: Any):
+        """A one-sentence summary (Gigaword finetunes: beam 6, at most 32 tokens, length penalty 0.7)."""
+        many = _is_many(texts)
+        reqs = ({"text": t} for t in texts) if many else [{"text": texts}]
+        out = list(self.predict("summarize", reqs, **gen))
+        return out if many else out[0]
+
+    # ---- the engine ----------------------------------------------------------------------------------------------
+    def spec(self, task: str, gen: Optional[dict] = None, **options: Any) -> Spec:
+        """The task spec (prompts, transforms, decoding settings) this predictor uses for `task`."""
+        name = ALIASES.get(task, task)
+        if name not in SPECS:
+            raise ValueError(f"unknown task {task!r}; choose one of {sorted(SPECS)}")
+        return SPECS[name](self.tok, gen, self.image_size, self.exif, **options)
+
+    def predict(self, task: str, requests: Iterable[dict], batch_size: Optional[int] = None,
+                options: Optional[dict] = None, **gen: Any) -> Iterator[Prediction]:
+        """Stream the records of `requests` (dicts with the task's fields: image, question, text, hypothesis,
+        premise, objects; optional id and name; `_error` marks a request that already failed), in order.
+        `options` go to the task spec (answers, zero_shot, classes, restrict_bins), `gen` overrides decoding
+        settings (beam, max_len_b, ...)."""
+        spec = self.spec(task, gen, **(options or {}))
+        bs = batch_size or self.batch_size
+        pending: list[tuple[Prediction, Any]] = []
+        n_ok = 0
+        for i, req in enumerate(requests):
+            rec = Prediction(input=self._name(req, i, spec), id=req.get("id") if isinstance(req, dict) else None)
+            try:
+                if not isinstance(req, dict):
+                    raise InputError(f"a request must be a dict of fields, got {type(req).__name__}")
+                if req.get("_error"):                 # failed before it got here (the CLI: a bad JSONL line)
+                    raise InputError(str(req["_error"]))
+                sample = spec.prepare(req, i)
+                n_ok += 1
+            except InputError as e:
+                rec.error, sample = str(e), None
+            pending.append((rec, sample))
+            if n_ok >= bs:
+                yield from self._flush(spec, pending)
+                pending, n_ok = [], 0
+        if pending:
+            yield from self._flush(spec, pending)
+
+    def _flush(self, spec: Spec, pending: list) -> Iterator[Prediction]:
+        from ofa_ds.training.evaluate import to_device
+        samples = [s for _, s in pending if s is not None]
+        if samples:
+            batch = to_device(spec.builder.collate(samples), self.device, self.dtype)
+            with torch.no_grad():
+                results = iter(spec.run(self.model, batch))
+            for rec, s in pending:
+                if s is not None:
+                    rec.text, rec.score, rec.box = next(results)
+        for rec, _ in pending:
+            yield rec
+
+    @staticmethod
+    def _name(req: Any, i: int, spec: Spec) -> str:
+        if isinstance(req, dict):
+            if req.get("name") is not None:
+                return str(req["name"])
+            if spec.has_image and "image" in req:
+                return describe(req["image"], i)
+        return f"<text #{i}>" if not spec.has_image else f"<request #{i}>"
+
+    def _answer(self, task: str, images: Inputs, fields: dict, gen: dict, **options: Any):
+        """Zip images with per-image fields (a single value is used for every image) and run `predict`."""
+        many = _is_many(images)
+        imgs = images if many else [images]
+        per = {k: (v if _is_many(v) else None) for k, v in fields.items()}
+        its = {k: iter(v) for k, v in per.items() if v is not None}
+        missing = object()
+
+        def requests():
+            for img in imgs:
+                req = {"image": img}
+                for k, v in fields.items():
+                    req[k] = next(its[k], missing) if k in its else v
+                    if req[k] is missing:
+                        raise ValueError(f"fewer {k}s than images")
+                yield req
+            for k, it in its.items():
+                if next(it, missing) is not missing:
+                    raise ValueError(f"more {k}s than images")
+
+        out = list(self.predict(task, requests(), options=options, **gen))
+        return out if many else out[0]
