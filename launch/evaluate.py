@@ -26,8 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from ofa_ds.config import ModelConfig, preset  # noqa: E402
-from ofa_ds.training.faults import RunFault, check_readable, report, write_failure  # noqa: E402
+from ofa_ds.training.faults import check_readable, report, write_failure  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -35,61 +34,7 @@ def log(msg: str) -> None:
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------------
-def _config_near(path: str, preset_name: str | None) -> ModelConfig:
-    for d in (path if os.path.isdir(path) else os.path.dirname(path), os.path.dirname(os.path.abspath(path))):
-        cfg_file = os.path.join(d, "config.json")
-        if os.path.isfile(cfg_file):
-            with open(cfg_file) as f:
-                meta = json.load(f)
-            for key in ("ofa_ds_config", "model"):
-                if isinstance(meta.get(key), dict):
-                    return ModelConfig.from_dict(meta[key], where=cfg_file)
-    if preset_name:
-        return preset(preset_name)
-    raise RunFault(f"{path}: no config.json with the model config next to it; pass --preset", status=2)
-
-
-def load_model(path: str, ema: bool = False, preset_name: str | None = None):
-    from ofa_ds.checkpoint import load_folder, load_official, load_state_strict, read_checkpoint_file
-    from ofa_ds.model import OFAModel
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model.safetensors")):
-        return load_folder(path)
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "latest")):
-        with open(os.path.join(path, "latest")) as f:
-            tag_dir = os.path.join(path, f.read().strip())
-        ds_file = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
-        if not any("optim_states" in n for n in os.listdir(tag_dir)) and os.path.isfile(ds_file):
-            state = torch.load(ds_file, map_location="cpu", weights_only=True)["module"]    # ZeRO stage 0
-        else:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-            state = get_fp32_state_dict_from_zero_checkpoint(path)
-        model = OFAModel(_config_near(path, preset_name))
-        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if [k for k in missing if "embed_tokens" not in k and "output_projection" not in k] or unexpected:
-            raise RunFault(f"{path}: does not match the model of its config.json (missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]})", status=2)
-        return model.eval()
-    if os.path.isfile(path):
-        try:
-            ckpt = read_checkpoint_file(path)
-        except Exception:
-            ckpt = None
-        if ckpt is not None and (ckpt.get("cfg") or ckpt.get("args")):
-            return load_official(path, ema=ema)
-        if ckpt is not None:
-            state = ckpt["model"]
-        else:
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:           # noqa: BLE001 (torch raises many types for a file it cannot read)
-                raise RunFault(f"{path}: not a checkpoint torch.load can read ({type(e).__name__})",
-                               status=2) from None
-            state = obj.get("module", obj.get("model", obj)) if isinstance(obj, dict) else obj
-        model = OFAModel(_config_near(path, preset_name))
-        load_state_strict(model, state, path)
-        return model.eval()
-    raise RunFault(f"{path}: not a checkpoint file or folder", status=2)
+from ofa_ds.predict.loading import load_model  # noqa: E402,F401  (the loader shared with ofa_ds.predict)
 
 
 # ---- distributed ----------------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     o.add_argument("--gen", default=None, help='decoding overrides as JSON, OFA --eval-args keys ({"max_len_b": 8})')
     o.add_argument("--draw", default=None, metavar="DIR", help="grounding: write the images with their boxes here")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)      # INPUTs may come before, between and after options
 
 
 def read_list(value: str) -> list[str]:

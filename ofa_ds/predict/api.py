@@ -129,6 +129,8 @@ class Predictor:
         name = ALIASES.get(task, task)
         if name not in SPECS:
             raise ValueError(f"unknown task {task!r}; choose one of {sorted(SPECS)}")
+        if name == "caption":
+            options.setdefault("huge", self.model.cfg.name == "huge")
         return SPECS[name](self.tok, gen, self.image_size, self.exif, **options)
 
     def predict(self, task: str, requests: Iterable[dict], batch_size: Optional[int] = None,

@@ -83,10 +83,15 @@ class Spec:
 
 
 class Caption(Spec):
+    """Captioning; OFA-Huge decodes with its own settings (beam 10, lenpen and temperature 0.98)."""
     name, task, cn = "caption", "caption", True
 
+    def __init__(self, tok, gen=None, image_size=None, exif=True, huge=False):
+        self.huge = huge
+        super().__init__(tok, gen, image_size, exif)
+
     def _defaults(self):
-        return "caption_cn" if self.zh else "caption"
+        return "caption_cn" if self.zh else "caption_huge" if self.huge else "caption"
 
     def prepare(self, req, sid):
         smp = self.builder.make((str(sid), self.image(req), "x"), sid, self.rng)

@@ -193,6 +193,8 @@ def test_ofa_cn_uses_chinese_prompts(image_files):
     assert smp.source == [zh.bos] + zh.encode("图片描述了什么内容?") + [zh.eos]
     smp = p.spec("grounding").prepare({"image": image_files[0], "text": "左边的狗"}, 0)
     assert smp.source == [zh.bos] + zh.encode('这段文字" 左边的狗 "描述的是哪个区域？') + [zh.eos]
+    smp = p.spec("summarize").prepare({"text": "今天 天气 很好"}, 0)
+    assert smp.source == [zh.bos] + zh.encode("今天 天气 很好 请用一个句子简单总结上文：") + [zh.eos]
     assert p.spec("caption").gen.beam == 8                      # OFA-CN caption decoding (caption_cn)
     r = p.caption(image_files[0], max_len_b=3)
     assert r.error is None and isinstance(r.text, str)
