@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from ofa_ds.training.faults import check_readable, report, write_failure  # noqa: E402
+from ofa_ds.training.faults import RunFault, check_readable, report, write_failure  # noqa: E402
 
 
 def log(msg: str) -> None:
