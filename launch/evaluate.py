@@ -82,7 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--add-object", action="store_true", help="VQA: append the object tags to the question")
     p.add_argument("--add-caption", action="store_true", help="SNLI-VE: premise in the prompt (released finetunes)")
     p.add_argument("--caption-tokenizer", default="auto", choices=["auto", "python", "java", "none"])
-    p.add_argument("--ema", action="store_true", help="official .pt: evaluate the EMA weights")
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights: an official .pt's "
+                   "extra_state['ema'], an export's ema/ folder, or a training checkpoint's EMA files")
     p.add_argument("--prompts", default="", help="prompts.safetensors of a prompt-tuning run, merged into the model")
     p.add_argument("--preset", default=None, help="model preset when a training checkpoint has no config.json")
     p.add_argument("--max-samples", type=int, default=0, help="evaluate only the first N rows (0 = all)")

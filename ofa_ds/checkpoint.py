@@ -18,6 +18,8 @@ CLI: `python -m ofa_ds.checkpoint to-folder ofa_tiny.pt out_dir [--ema]`,
 `python -m ofa_ds.checkpoint to-official out_dir ofa_tiny.pt` and
 `python -m ofa_ds.checkpoint merge-prompts MODEL prompts.safetensors DST` (a prompt-tuning run's prompts merged into
 the frozen model it tuned; DST a folder, or an official .pt when it ends in .pt).
+A folder with an `ema/` subfolder (a training run's `final/` with train.ema_decay) given to `to-official` puts those
+weights into `extra_state["ema"]`, where OFA keeps them.
 """
 from __future__ import annotations
 
@@ -268,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
             (save_official if args.dst.endswith(".pt") else export_folder)(model, args.dst)
         else:
             model = load_any(args.src)
-            save_official(model, args.dst)
+            ema_dir = os.path.join(args.src, "ema")           # a training export's EMA weights (final/ema/)
+            ema = load_folder(ema_dir).state_dict() if os.path.isdir(args.src) and os.path.isdir(ema_dir) else None
+            save_official(model, args.dst, ema_state=ema)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

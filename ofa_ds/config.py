@@ -293,6 +293,14 @@ class TrainConfig:
     """Append the sample ids of every step to <out>/ids_rank<r>.jsonl (resume checks, data debugging)."""
     prompt_tuning: PromptTuningConfig = field(default_factory=PromptTuningConfig)
     """Prompt tuning: prefix prompts trained, everything else frozen (off unless a length is > 0)."""
+    ema_decay: float = 0.0
+    """When > 0: keep an exponential moving average of the weights in float32, updated after every applied
+    optimizer step (OFA's VQA recipe: 0.9999 from the first update, no bias correction; training/ema.py). Saved in
+    checkpoints and exported to <out>/final/ema/. 0 = off."""
+    ema_start_update: int = 0
+    """The EMA copies the weights (decay 0) until this many updates, then averages with ema_decay (OFA: 0)."""
+    ema_eval: bool = False
+    """Held-out evaluations during and after training use the EMA weights (OFA's --uses-ema)."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -308,6 +316,9 @@ class TrainConfig:
         if self.max_steps < 1 or self.grad_accum < 1:
             raise ValueError(f"train.max_steps ({self.max_steps}) and train.grad_accum ({self.grad_accum}) "
                              "must be >= 1")
+        if not 0 <= self.ema_decay < 1 or (self.ema_eval and self.ema_decay == 0):
+            raise ValueError(f"train.ema_decay must be in [0, 1) and > 0 when train.ema_eval is on, got "
+                             f"{self.ema_decay} (ema_eval {self.ema_eval})")
         if not 0 <= self.drop_worst_ratio < 1 or not 0 <= self.drop_best_ratio < 1:
             raise ValueError("train.drop_worst_ratio / drop_best_ratio must be in [0, 1)")
 

@@ -1,6 +1,7 @@
 """Every checkpoint ofa_ds reads, loaded into an eval-mode OFAModel; the device, dtype and vocabulary to use.
 
-`load_model(path)` accepts an official OFA `.pt` (`ema=True` for VQA finetunes' EMA weights), a folder written by
+`load_model(path)` accepts an official OFA `.pt` (`ema=True` for VQA finetunes' EMA weights; with a folder: its
+`ema/` export or a training checkpoint's EMA files), a folder written by
 `python -m ofa_ds.checkpoint to-folder` / `export_folder`, or a training checkpoint of ours: a DeepSpeed checkpoint
 folder (has `latest`; consolidated with deepspeed's zero_to_fp32) or a `.pt` holding a bare state dict or
 {"module"/"model": state}, with the ModelConfig from a `config.json` next to it or `preset_name`. `launch/evaluate.py`
@@ -43,6 +44,8 @@ def load_model(path: str, ema: bool = False, preset_name: Optional[str] = None):
     from ofa_ds.model import OFAModel
     if not os.path.exists(path):
         raise RunFault(f"{path}: no such checkpoint file or folder", status=2)
+    if ema and os.path.isdir(path):
+        return _ema_model(path, preset_name)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model.safetensors")):
         return load_folder(path)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "latest")):
@@ -81,6 +84,27 @@ def load_model(path: str, ema: bool = False, preset_name: Optional[str] = None):
         load_state_strict(model, state, path)
         return model.eval()
     raise RunFault(f"{path}: not a checkpoint file or folder", status=2)
+
+
+def _ema_model(path: str, preset_name: Optional[str]):
+    """`ema=True` with a folder: an export's `ema/` subfolder (a run's final/, or the run folder itself), else the EMA
+    files of a DeepSpeed checkpoint folder's latest checkpoint (training/ema.py)."""
+    import sys
+    from ofa_ds.checkpoint import load_folder
+    from ofa_ds.training.ema import ema_model, has_ema
+    for sub in ("ema", os.path.join("final", "ema")):
+        if os.path.isfile(os.path.join(path, sub, "model.safetensors")):
+            print(f"using the EMA weights of {os.path.join(path, sub)}", file=sys.stderr, flush=True)
+            return load_folder(os.path.join(path, sub))
+    latest = os.path.join(path, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            tag_dir = os.path.join(path, f.read().strip())
+        if has_ema(tag_dir):
+            print(f"using the EMA weights of {tag_dir}", file=sys.stderr, flush=True)
+            return ema_model(tag_dir, _config_near(path, preset_name))
+    raise RunFault(f"{path}: --ema but no EMA weights there (no ema/ export, no EMA files in a checkpoint; the run "
+                   f"needs train.ema_decay > 0)", status=2)
 
 
 def pick_device(device: str = "auto") -> torch.device:

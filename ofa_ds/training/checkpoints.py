@@ -83,9 +83,10 @@ def find_resume_tag(ckpt_dir: str) -> str | None:
     return tags[-1] if tags else None
 
 
-def save_checkpoint(engine, ckpt_dir: str, step: int, client: dict, keep: int) -> str:
+def save_checkpoint(engine, ckpt_dir: str, step: int, client: dict, keep: int, extra=None) -> str:
     """Collective: every rank calls it. Returns the tag written. A failed write (full disk, ...) raises a RunFault
-    that names the checkpoint and the last complete one, which stays as it was."""
+    that names the checkpoint and the last complete one, which stays as it was. `extra(folder)`: writes more of
+    this rank's files into the checkpoint folder before it is marked complete (the EMA weights)."""
     tag = tag_for(step)
     rank = dist.get_rank()
     previous = find_resume_tag(ckpt_dir)
@@ -93,6 +94,8 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, client: dict, keep: int) -
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"step": step}, save_latest=False)
         torch.save({**client, "rng": rng_state(), "step": step, "world_size": dist.get_world_size()},
                    os.path.join(ckpt_dir, tag, f"client_rank{rank}.pt"))
+        if extra is not None:
+            extra(os.path.join(ckpt_dir, tag))
     except (OSError, RuntimeError) as e:
         raise _save_failure(e, ckpt_dir, tag, previous) from e
     dist.barrier()

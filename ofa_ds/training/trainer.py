@@ -24,6 +24,7 @@ What is unusual:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -37,6 +38,7 @@ import torch.distributed as dist
 from ofa_ds.config import RunConfig
 from ofa_ds.data.tsv import CATEGORIES
 from ofa_ds.model import OFAModel
+from ofa_ds.training import ema as ema_mod
 from ofa_ds.training import evaluate, prompt_tuning
 from ofa_ds.training.checkpoints import (RUN_OWN_MODEL_FIELDS, check_resume_model, find_resume_tag, load_checkpoint,
                                          resume_failure, save_checkpoint, tag_for)
@@ -88,6 +90,7 @@ class Trainer:
         self.strategy = strategy_for(run)
         self.grad_norm: float | None = None
         self.last_loss: float | None = None
+        self.ema: ema_mod.EMA | None = None      # train.ema_decay > 0: the EMA weights (set in setup)
 
     # ---- set-up ----------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -130,6 +133,7 @@ class Trainer:
         self.engine = initialize(module, self.run_cfg, engine_cfg)
         strategy.attach(self)
         self._maybe_resume()
+        self._setup_ema()
         self._write_run_files()           # after the resume: a checkpoint that does not load leaves config.json be
         self.eval_sets = self._eval_sets(*strategy.eval_shard(self))
         self.peak = device_peak_tflops(self.precision)
@@ -231,6 +235,8 @@ class Trainer:
         sizes = [micro_batch_sizes(self.model_cfg, self.run_cfg.train, b) for b in micro]
         loss_sum, nll_sum, total_size, bad = self.strategy.train_step(self, micro, sizes)
         self.skipped += int(bad > 0)
+        if self.ema is not None and not bad and self.engine.was_step_applied():
+            self.ema.update(self.step + 1)            # only after applied steps (not an fp16 overflow skip)
         if self.run_cfg.train.record_ids:
             ids = [int(i) for b in micro for p in parts_of(b) for i in p["id"].tolist()]
             with open(os.path.join(self.out, f"ids_rank{self.rank}.jsonl"), "a") as f:
@@ -242,7 +248,11 @@ class Trainer:
     # ---- evaluation ------------------------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics on rank 0 ({} elsewhere). Collective."""
-        model, dtype, sharded = self.strategy.eval_model(self)
+        with self._ema_weights():
+            model, dtype, sharded = self.strategy.eval_model(self)
+            return self._evaluate(model, dtype, sharded)
+
+    def _evaluate(self, model, dtype, sharded) -> dict[str, float]:
         results: dict[str, float] = {}
         if model is not None:
             was_training = model.training
@@ -281,14 +291,46 @@ class Trainer:
 
     def _save(self) -> str:
         client = {"data": self.stream.state_dict(), "skipped": self.skipped, "config": self.run_cfg.to_dict()}
-        tag = save_checkpoint(self.engine, self.ckpt_dir, self.step, client, self.run_cfg.train.keep_checkpoints)
+        tag = save_checkpoint(self.engine, self.ckpt_dir, self.step, client, self.run_cfg.train.keep_checkpoints,
+                              extra=self.ema.save if self.ema is not None else None)
         prompt_tuning.save(self)
         return tag
+
+    # ---- EMA weights (train.ema_decay, training/ema.py) ------------------------------------------------------------
+    def _setup_ema(self) -> None:
+        """The EMA starts from the weights the run starts from, or from the resumed checkpoint's EMA."""
+        self.ema = ema_mod.for_trainer(self)
+        self.last_tag: str | None = self.resume_tag
+        if self.ema is not None and self.resume_tag is not None:
+            self.ema.load(os.path.join(self.ckpt_dir, self.resume_tag))
+
+    def _ema_weights(self):
+        """Context for an evaluation with train.ema_eval: the EMA in the live weights (or, once the pipeline engine
+        is released, in the dense evaluation model, read from the final checkpoint)."""
+        if not self.run_cfg.train.ema_eval:
+            return contextlib.nullcontext()
+        if self.engine is not None:
+            return self.ema.swapped()
+        dense = getattr(self.strategy, "dense", None)
+        if dense is None or self.last_tag is None:
+            return contextlib.nullcontext()
+        return ema_mod.loaded_into(dense, os.path.join(self.ckpt_dir, self.last_tag), self.model_cfg)
+
+    @property
+    def ema_on(self) -> bool:
+        return self.run_cfg.train.ema_decay > 0
+
+    def _export_ema(self, tag: str) -> None:
+        if self.rank == 0 and self.ema_on:
+            from ofa_ds.checkpoint import export_folder
+            export_folder(ema_mod.ema_model(os.path.join(self.ckpt_dir, tag), self.model_cfg),
+                          os.path.join(self.out, "final", "ema"))
 
     def _export(self, tag: str) -> None:
         final = os.path.join(self.out, "final")
         try:
             self.strategy.export(self, tag)
+            self._export_ema(tag)
         except (OSError, RuntimeError) as e:            # a full disk: one line; anything else keeps its traceback
             raise write_failure(e, final, f"exporting the final weights to {final}",
                                 f"the checkpoint {os.path.join(self.ckpt_dir, tag)} is complete: rerun with --resume "
@@ -328,7 +370,10 @@ class Trainer:
                 last_tag = self.resume_tag    # resumed at the last step: that checkpoint is final, never rewritten
             if t.save_final and (last_tag is None or last_tag != tag_for(self.step)):
                 last_tag = self._save()
+            self.last_tag = last_tag
             self.strategy.finish(self, last_tag)
+            if self.engine is None:
+                self.ema = None                          # the pipeline released its engine: so does the EMA
             if self.eval_sets:
                 final_eval = self.evaluate()
                 log.log_eval(self.step, final_eval)
