@@ -30,7 +30,7 @@ import os
 import pickle
 import re
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -58,10 +58,21 @@ def _allowed_globals() -> list:
 
 def read_checkpoint_file(path: str) -> dict:
     """Unpickle an official checkpoint with the restricted (weights-only) unpickler; clear errors otherwise."""
+    ckpt = unpickle_restricted(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        keys = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: expected an official OFA checkpoint (a dict with 'model'), found {keys}")
+    return ckpt
+
+
+def unpickle_restricted(path: str, extra_globals: Sequence[Any] = ()) -> Any:
+    """Any torch file through the weights-only unpickler with the allow-list of `_allowed_globals` plus
+    `extra_globals` (classes, or (inert placeholder, "module.Name") pairs as torch.serialization.safe_globals
+    takes them); a file naming any other global is refused with a CheckpointError naming it, before it runs."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        with torch.serialization.safe_globals(_allowed_globals()):
+        with torch.serialization.safe_globals(_allowed_globals() + list(extra_globals)):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))
@@ -74,9 +85,6 @@ def read_checkpoint_file(path: str) -> dict:
             f"OrderedDict, tensors, numpy scalars); nothing from the file was executed") from None
     except Exception as e:  # truncated/corrupt files
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        keys = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path}: expected an official OFA checkpoint (a dict with 'model'), found {keys}")
     return ckpt
 
 

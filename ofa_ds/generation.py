@@ -62,6 +62,9 @@ class GenerationConfig:
     sampling: bool = False
     """Sample `beam` independent sequences per input instead of beam search (top-k when sampling_topk > 0)."""
     sampling_topk: int = -1
+    sampling_topp: float = -1.0
+    """>0: nucleus sampling, drawing from the smallest set of most likely tokens whose probability reaches it
+    (fairseq's rule: takes precedence over sampling_topk)."""
     constraint_range: Optional[tuple[int, int]] = None
     """(a, b): ids 4..a-1 and >= b banned (specials 0-3 stay allowed), OFA's constraint_range."""
     bin_steps: int = 0
@@ -83,7 +86,7 @@ class GenerationConfig:
                 out[alias[k]] = v
             else:
                 out[k] = v
-        if out.get("sampling_topk", -1) > 0 and "sampling" not in out:
+        if (out.get("sampling_topk", -1) > 0 or out.get("sampling_topp", -1) > 0) and "sampling" not in out:
             out["sampling"] = True
         known = {f.name for f in dataclasses.fields(cls)}
         bad = sorted(set(out) - known)
@@ -158,9 +161,15 @@ def _vocab_size(model) -> int:
     return model.cfg.vocab_size
 
 
-def _max_len(cfg: GenerationConfig, src_len: int, model) -> int:
+def _max_len(cfg: GenerationConfig, src_len: int, model, code_masks: Optional[Tensor] = None) -> int:
+    """max_len_a · src_len + max_len_b, capped so that bos + max_len tokens fit the decoder's position tables: text
+    rows at max_target_positions − 1; when every row generates image codes, at the code grid ((code_image_size/8)²,
+    1,024 at 256 px, as OFA's min_len = max_len_b = 1024 needs) but never past max_target_positions."""
     m = int(cfg.max_len_a * src_len + cfg.max_len_b)
-    return max(0, min(m, model.cfg.max_target_positions - 1))
+    cap = model.cfg.max_target_positions - 1
+    if code_masks is not None and code_masks.numel() and bool(code_masks.all()):
+        cap = min((model.cfg.code_image_size // 8) ** 2, model.cfg.max_target_positions)
+    return max(0, min(m, cap))
 
 
 def _block_ngrams(lprobs: Tensor, tokens: Tensor, step: int, n: int) -> None:
@@ -299,7 +308,7 @@ def generate(model, batch: dict, cfg: GenerationConfig | None = None, prefix_tok
     src = batch["src_tokens"]
     B, K, dev = src.shape[0], cfg.beam, enc.hidden.device
     V = _vocab_size(model)
-    max_len = _max_len(cfg, src.shape[1], model)
+    max_len = _max_len(cfg, src.shape[1], model, code_masks)
     prefix = _pad_prefix(prefix_tokens, dev)
     if code_masks is not None:
         code_masks = code_masks.to(dev).repeat_interleave(K)
@@ -421,7 +430,7 @@ def sample(model, batch: dict, cfg: GenerationConfig, trie: Optional[Trie] = Non
     src = batch["src_tokens"]
     n = cfg.beam if cfg.sampling else 1
     B, dev = src.shape[0], enc.hidden.device
-    max_len = _max_len(cfg, src.shape[1], model)
+    max_len = _max_len(cfg, src.shape[1], model, code_masks)
     if code_masks is not None:
         code_masks = code_masks.to(dev).repeat_interleave(n)
     R = B * n
@@ -448,7 +457,11 @@ def sample(model, batch: dict, cfg: GenerationConfig, trie: Optional[Trie] = Non
             lprobs[done] = -math.inf
             lprobs[done, EOS] = 0.0
         if cfg.sampling:
-            if cfg.sampling_topk > 0:
+            if cfg.sampling_topp > 0:
+                sp, si = lprobs.exp().sort(dim=-1, descending=True)
+                sp = sp.masked_fill(sp.cumsum(-1) - sp >= cfg.sampling_topp, 0.0)   # keep up to the one reaching p
+                tok = si.gather(1, torch.multinomial(sp, 1, generator=generator)).squeeze(1)
+            elif cfg.sampling_topk > 0:
                 top_lp, top_i = lprobs.topk(min(cfg.sampling_topk, lprobs.shape[-1]), dim=-1)
                 pick = torch.multinomial(top_lp.exp(), 1, generator=generator)
                 tok = top_i.gather(1, pick).squeeze(1)

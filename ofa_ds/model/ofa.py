@@ -305,6 +305,13 @@ def decoder_layer_bias(token_table: nn.Embedding, image_table: nn.Embedding, tok
     for the samples whose `code_masks` [B] (bool) is set."""
     T = self_abs_bias.shape[-1]
     q0 = T - self_abs_bias.shape[-2]                        # first query row held in self_abs_bias
+    if T > token_rp_bucket.shape[0]:       # only image codes run past the text table (bos + 1,024 codes = 1,025)
+        if code_masks is None or not bool(code_masks.all()):
+            raise ValueError(f"decoder length {T} exceeds the text relative-position table "
+                             f"({token_rp_bucket.shape[0]}); only image-code rows (code_masks) may be longer")
+        pid = image_position_idx[:T]
+        img_rel = image_table(image_rp_bucket[pid[q0:, None], pid[None, :]]).permute(2, 0, 1)[None]
+        return (self_abs_bias + img_rel)[:, :, start - q0:]
     rel = token_table(token_rp_bucket[q0:T, :T]).permute(2, 0, 1)[None]
     if code_masks is not None:
         pid = image_position_idx[:T]
