@@ -237,3 +237,4 @@ def test_beam_search_with_prompts_scores_what_teacher_forcing_scores():
             lp = m(src[i:i + 1], img[i:i + 1], pm[i:i + 1], prev).float().log_softmax(-1)[0]
             torch.testing.assert_close(h[0]["positional_scores"], lp.gather(1, toks[:, None])[:, 0],
                                        rtol=1e-4, atol=1e-4)
+

@@ -1,6 +1,7 @@
 """Prompt tuning through the launch scripts: a `vqa_prompt` finetune from --init on two ZeRO-3 CPU ranks trains the
 prompts only (every other weight of the export equals the init's), prints and reports the parameter counts, keeps
 optimizer state for the prompts only (counted in the checkpoint files), and writes the prompts on their own."""
+import dataclasses
 import glob
 import os
 
@@ -66,3 +67,40 @@ def test_vqa_prompt_zero3_two_ranks_trains_and_keeps_only_the_prompts(tmp_path, 
     for k, v in load_file(os.path.join(out, "final", "prompts.safetensors")).items():
         assert torch.equal(after[k], v) and torch.equal(prompts[k], v)
     assert OFAModel.from_pretrained(os.path.join(out, "final")).cfg.encoder_prompt_length == 4
+
+
+def test_training_prepare_loads_a_prompts_file_freezes_and_refuses_misfits(tmp_path):
+    """ofa_ds/training/prompt_tuning.prepare on a built model (no engine): train.prompt_tuning.prompts is loaded,
+    everything else frozen, counts kept; a file of other lengths is a one-line RunFault naming the difference."""
+    from types import SimpleNamespace
+
+    from ofa_ds.config import RunConfig, preset
+    from ofa_ds.model import OFAModel
+    from ofa_ds.model.prompt import save_prompts
+    from ofa_ds.training import prompt_tuning
+    from ofa_ds.training.faults import RunFault
+    small = lambda **kw: preset("debug", d_model=32, ffn_dim=64, num_heads=2, **kw)  # noqa: E731
+    cfg = small(encoder_prompt_length=3, decoder_prompt_length=2)
+    torch.manual_seed(0)
+    saved = OFAModel(cfg)
+    path = str(tmp_path / "p.safetensors")
+    save_prompts(saved.state_dict(), cfg, path)
+    run = RunConfig(model=small()).override(["train.prompt_tuning.encoder_length=3",
+                                             "train.prompt_tuning.decoder_length=2",
+                                             f"train.prompt_tuning.prompts={path}"])
+    mcfg = prompt_tuning.model_config(run, run.model)
+    assert mcfg == cfg
+    model = OFAModel(mcfg)
+    tr = SimpleNamespace(run_cfg=run, model_cfg=mcfg, rank=1)
+    prompt_tuning.prepare(tr, model)
+    for k, v in saved.state_dict().items():
+        if "_prompt_encoder." in k:
+            assert torch.equal(model.state_dict()[k], v)
+    assert tr.param_counts == (3 * 2 * 2 * 32 + 2 * 2 * 2 * 32, model.num_params())
+    model.train()
+    assert not model.encoder.embed_images.bn1.training and model.encoder.layers[0].training
+    other = dataclasses.replace(run, train=dataclasses.replace(
+        run.train, prompt_tuning=dataclasses.replace(run.train.prompt_tuning, encoder_length=5)))
+    ocfg = prompt_tuning.model_config(other, other.model)
+    with pytest.raises(RunFault, match="encoder_prompt_length 3 in the file, 5 in the model"):
+        prompt_tuning.prepare(SimpleNamespace(run_cfg=other, model_cfg=ocfg, rank=1), OFAModel(ocfg))
