@@ -13,6 +13,8 @@ What is unusual:
   * Records stream to stdout (or --out) as they are made; a progress bar with ETA goes to stderr for more than one
     input (--no-progress turns it off).
   * --draw DIR (grounding): each image with its box drawn, as DIR/<image name>.png.
+  * text_to_image: captions from .jsonl / .txt / --text; --vqgan (required) decodes the sampled codes, --clip
+    reranks; the images go to --out-dir as <n>.png (<n>_<k>.png with --num-return > 1), the records name them.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from typing import Any, Iterator, Optional
 from .inputs import IMAGE_SUFFIXES, list_folder
 from .tasks import ALIASES, SPECS
 
-TASKS = sorted(SPECS) + sorted(ALIASES)
+T2I = ("text_to_image", "image_gen")
+TASKS = sorted(SPECS) + sorted(ALIASES) + list(T2I)
 FIELD_OPTIONS = ("question", "text", "hypothesis", "premise", "objects")
 
 
@@ -58,6 +61,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     o.add_argument("--beam", type=int, default=None, help="beam size (default: the task's)")
     o.add_argument("--gen", default=None, help='decoding overrides as JSON, OFA --eval-args keys ({"max_len_b": 8})')
     o.add_argument("--draw", default=None, metavar="DIR", help="grounding: write the images with their boxes here")
+    t = p.add_argument_group("text_to_image")
+    t.add_argument("--vqgan", help="the official VQGAN file (OFA's vqgan/last.ckpt)")
+    t.add_argument("--clip", help="a local CLIP weights file for reranking (OpenAI's ViT-B-16.pt or open_clip's)")
+    t.add_argument("--clip-arch", default=None, help="open_clip architecture of --clip (default ViT-B-16-quickgelu)")
+    t.add_argument("--num-samples", type=int, default=24, help="code grids sampled per caption (OFA: 24)")
+    t.add_argument("--num-return", type=int, default=1, help="images kept per caption, best first")
+    t.add_argument("--top-k", type=int, default=256)
+    t.add_argument("--top-p", type=float, default=None, help="nucleus sampling instead of top-k")
+    t.add_argument("--temperature", type=float, default=1.0)
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--out-dir", default="generated", help="where the PNGs go (default ./generated)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_intermixed_args(argv)      # INPUTs may come before, between and after options
 
@@ -115,9 +129,14 @@ class Requests:
         """Number of requests (None when one input is stdin, which can be read only once)."""
         if "-" in self.inputs:
             return None
+        if not self.inputs:
+            return 1
         return sum(1 for _ in self._items())
 
     def __iter__(self) -> Iterator[dict]:
+        if not self.inputs:                          # a text task given only --text
+            yield dict(text=self.fields["text"])
+            return
         for kind, item in self._items():
             if kind == "image":
                 req: dict[str, Any] = {"image": item}
@@ -180,8 +199,9 @@ def run(args: argparse.Namespace) -> int:
 
     from .api import Predictor
     task = ALIASES.get(args.task, args.task)
-    if not args.inputs:
-        raise RunFault("no INPUT given (image files, folders, or .jsonl requests)", status=2)
+    text_task = task in T2I or not SPECS[task].has_image
+    if not args.inputs and not (text_task and args.text):
+        raise RunFault("no INPUT given (image files, folders, or .jsonl requests; --text for a text task)", status=2)
     gen = {}
     if args.gen:
         try:
@@ -199,6 +219,8 @@ def run(args: argparse.Namespace) -> int:
         options = {"classes": read_list(args.classes)}
     elif task == "grounding":
         options = {"restrict_bins": args.restrict_bins}
+    if task in T2I:
+        return run_text_to_image(args, gen)
     predictor = Predictor(args.checkpoint, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                           image_size=args.image_size, ema=args.ema, preset=args.preset, exif=not args.no_exif)
     try:
@@ -206,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, KeyError) as e:
         raise RunFault(str(e).strip("'\""), status=2) from None
     fields = {k: getattr(args, k) for k in FIELD_OPTIONS}
-    reqs = Requests(args.inputs, text_task=not SPECS[task].has_image, fields=fields)
+    reqs = Requests(args.inputs, text_task=text_task, fields=fields)
     total = reqs.count()
     if args.draw:
         os.makedirs(args.draw, exist_ok=True)
@@ -240,6 +262,57 @@ def run(args: argparse.Namespace) -> int:
     if failed:
         n = total if total is not None else failed + answered
         print(f"[predict] {failed} of {n} inputs not answered (see their \"error\")", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def run_text_to_image(args: argparse.Namespace, gen: dict) -> int:
+    """text_to_image: one record per caption with the PNG files written (OUT_DIR/<n>.png, <n>_<k>.png for more)."""
+    from tqdm import tqdm
+
+    from ofa_ds.training.faults import RunFault
+
+    from .api import Predictor
+    if not args.vqgan:
+        raise RunFault("text_to_image needs --vqgan (the official VQGAN file)", status=2)
+    if gen:
+        raise RunFault("--beam / --gen do not apply to text_to_image (it samples: --top-k, --top-p, --temperature)",
+                       status=2)
+    if not 1 <= args.num_return <= args.num_samples:
+        raise RunFault(f"need 1 <= --num-return ({args.num_return}) <= --num-samples ({args.num_samples})", status=2)
+    fields = {k: getattr(args, k) for k in FIELD_OPTIONS}
+    reqs = Requests(args.inputs, text_task=True, fields=fields)
+    total = reqs.count()
+    predictor = Predictor(args.checkpoint, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                          ema=args.ema, preset=args.preset)
+    try:
+        vqgan = predictor._vqgan(args.vqgan)
+        clip = predictor._clip(args.clip, args.clip_arch) if args.clip else None
+    except (ValueError, KeyError) as e:
+        raise RunFault(str(e).strip("'\""), status=2) from None
+    os.makedirs(args.out_dir, exist_ok=True)
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    quiet = args.no_progress or (total is not None and total < 2)
+    bar = tqdm(total=total, file=sys.stderr, unit="caption", disable=quiet, dynamic_ncols=True)
+    failed = 0
+    try:
+        stream = predictor.predict_images(reqs, vqgan=vqgan, clip=clip, num_samples=args.num_samples,
+                                          num_return=args.num_return, top_k=args.top_k, top_p=args.top_p,
+                                          temperature=args.temperature, seed=args.seed)
+        for i, rec in enumerate(stream):
+            for k, g in enumerate(rec.images):
+                path = os.path.join(args.out_dir, f"{i:05d}.png" if args.num_return == 1 else f"{i:05d}_{k}.png")
+                g.image.save(path)
+                rec.files.append(path)
+            failed += rec.error is not None
+            out.write(rec.to_json() + "\n")
+            out.flush()
+            bar.update(1)
+    finally:
+        bar.close()
+        if out is not sys.stdout:
+            out.close()
+    if failed:
+        print(f"[predict] {failed} captions without images (see their \"error\")", file=sys.stderr)
     return 1 if failed else 0
 
 

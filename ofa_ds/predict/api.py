@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 
-from .inputs import InputError, describe
+from .inputs import InputError, describe, need
 from .loading import load_model, pick_device, pick_dtype, vocabulary
 from .tasks import ALIASES, SPECS, Spec
 
@@ -48,6 +48,39 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+
+@dataclass
+class ImagesPrediction:
+    """The images generated for one caption (text-to-image), best first."""
+
+    input: str
+    """The caption's name: "<text #i>" or the name the caller gave."""
+    text: Optional[str] = None
+    """The caption as given."""
+    images: list = dataclasses.field(default_factory=list)
+    """`ofa_ds.text_to_image.GeneratedImage`s: `.image` (PIL RGB, 256 x 256 for OFA's 32 x 32 code grid),
+    `.score` (CLIP cosine similarity with the caption, None without CLIP), `.codes` (the VQGAN codes, row-major)."""
+    error: Optional[str] = None
+    """Why there are no images (one line), or None."""
+    id: Any = None
+    """The request's own "id", when it had one."""
+    files: list = dataclasses.field(default_factory=list)
+    """Where the images were written (the CLI's --out-dir); empty otherwise."""
+
+    @property
+    def score(self) -> Optional[float]:
+        """The best image's CLIP score (None without CLIP or without images)."""
+        return self.images[0].score if self.images else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: the images as their files and scores (pixels and codes are left out)."""
+        return {"input": self.input, "text": self.text, "score": self.score,
+                "scores": [g.score for g in self.images], "files": list(self.files), "error": self.error,
+                "id": self.id}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False)
@@ -85,6 +118,7 @@ class Predictor:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size, self.image_size, self.exif = batch_size, image_size, exif
+        self._cache: dict = {}                       # VQGAN / CLIP models loaded from files, by path
 
     # ---- the tasks ---------------------------------------------------------------------------------------------------
     def caption(self, images: Inputs, **gen: Any):
@@ -122,6 +156,79 @@ class Predictor:
         reqs = ({"text": t} for t in texts) if many else [{"text": texts}]
         out = list(self.predict("summarize", reqs, **gen))
         return out if many else out[0]
+
+    def text_to_image(self, texts: Union[str, Iterable[str]], *, vqgan: Any, clip: Any = None,
+                      clip_arch: Optional[str] = None, num_samples: int = 24, num_return: int = 1, top_k: int = 256,
+                      top_p: Optional[float] = None, temperature: float = 1.0, seed: Optional[int] = None,
+                      batch_size: Optional[int] = None):
+        """Images for each caption, from an OFA text-to-image checkpoint: `num_samples` code grids sampled (top-k
+        256, as OFA), decoded by the VQGAN (`vqgan`: the official VQGAN file or a loaded decoder), reranked by CLIP
+        when `clip` (a local CLIP weights file or a loaded scorer) is given; the best `num_return`, best first.
+        Returns an `ImagesPrediction` (a list of them for a list of captions)."""
+        many = _is_many(texts)
+        reqs = ({"text": t} for t in texts) if many else [{"text": texts}]
+        out = list(self.predict_images(reqs, vqgan=vqgan, clip=clip, clip_arch=clip_arch, num_samples=num_samples,
+                                       num_return=num_return, top_k=top_k, top_p=top_p, temperature=temperature,
+                                       seed=seed, batch_size=batch_size))
+        return out if many else out[0]
+
+    def predict_images(self, requests: Iterable[dict], *, vqgan: Any, clip: Any = None,
+                       clip_arch: Optional[str] = None, batch_size: Optional[int] = None,
+                       **sampling: Any) -> Iterator[ImagesPrediction]:
+        """The streaming form of `text_to_image` over requests ({"text": caption, optional id / name}), in order.
+        Captions are checked first (a bad one is an error record); images are made `batch_size` captions at a
+        time and only each caption's kept images outlive its batch."""
+        from ofa_ds.text_to_image import caption_tokens, iter_text_to_image
+        if self.lang == "zh":
+            raise ValueError("OFA-CN checkpoints have no text-to-image prompt")
+        vq, scorer = self._vqgan(vqgan), self._clip(clip, clip_arch)
+        records, good = [], []
+        for i, req in enumerate(requests):
+            rec = ImagesPrediction(input=self._name(req, i, None), id=req.get("id") if isinstance(req, dict) else None)
+            try:
+                if not isinstance(req, dict):
+                    raise InputError(f"a request must be a dict of fields, got {type(req).__name__}")
+                if req.get("_error"):
+                    raise InputError(str(req["_error"]))
+                rec.text = req.get("text") if isinstance(req.get("text"), str) else None
+                need(req.get("text"), "text")
+                caption_tokens(self.tok, rec.text)
+                good.append(len(records))
+            except (InputError, ValueError) as e:
+                rec.error = str(e)
+            records.append(rec)
+        done = 0
+        stream = iter_text_to_image(self.model, self.tok, [records[j].text for j in good], vqgan=vq, clip=scorer,
+                                    batch_size=batch_size or self.batch_size, **sampling)
+        for j in good:
+            records[j].images = next(stream)
+            while done <= j:
+                yield records[done]
+                records[done] = None
+                done += 1
+        while done < len(records):
+            yield records[done]
+            done += 1
+
+    def _vqgan(self, vqgan: Any):
+        if isinstance(vqgan, (str, os.PathLike)):
+            from ofa_ds.text_to_image import load_vqgan
+            key = ("vqgan", os.fspath(vqgan))
+            if key not in self._cache:
+                self._cache[key] = load_vqgan(os.fspath(vqgan), device=self.device)
+            return self._cache[key]
+        if vqgan is None:
+            raise ValueError("text-to-image needs the VQGAN decoder (the official VQGAN file)")
+        return vqgan
+
+    def _clip(self, clip: Any, arch: Optional[str]):
+        if isinstance(clip, (str, os.PathLike)):
+            from ofa_ds.text_to_image import load_clip
+            key = ("clip", os.fspath(clip), arch)
+            if key not in self._cache:
+                self._cache[key] = load_clip(os.fspath(clip), **({"arch": arch} if arch else {}), device=self.device)
+            return self._cache[key]
+        return clip
 
     # ---- the engine ----------------------------------------------------------------------------------------------
     def spec(self, task: str, gen: Optional[dict] = None, **options: Any) -> Spec:
@@ -175,13 +282,15 @@ class Predictor:
             yield rec
 
     @staticmethod
-    def _name(req: Any, i: int, spec: Spec) -> str:
+    def _name(req: Any, i: int, spec: Optional[Spec]) -> str:
+        """The record's `input`: the request's name, its image's path / kind, or its position."""
+        has_image = spec is not None and spec.has_image
         if isinstance(req, dict):
             if req.get("name") is not None:
                 return str(req["name"])
-            if spec.has_image and "image" in req:
+            if has_image and "image" in req:
                 return describe(req["image"], i)
-        return f"<text #{i}>" if not spec.has_image else f"<request #{i}>"
+        return f"<request #{i}>" if has_image else f"<text #{i}>"
 
     def _answer(self, task: str, images: Inputs, fields: dict, gen: dict, **options: Any):
         """Zip images with per-image fields (a single value is used for every image) and run `predict`."""
