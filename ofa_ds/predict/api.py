@@ -98,7 +98,8 @@ def _is_many(x: Any) -> bool:
 
 class Predictor:
     """Load a checkpoint once; answer any task. `device`: 'auto' (CUDA when present), 'cpu', 'cuda:1', ...;
-    `dtype`: 'auto' (fp16 on CUDA, fp32 on CPU), 'fp32', 'fp16', 'bf16'. `checkpoint` may also be an OFAModel.
+    `dtype`: 'auto' (fp16 on CUDA, fp32 on CPU), 'fp32', 'fp16', 'bf16'. `checkpoint` may also be an OFAModel
+    (used as it is, moved to the device and dtype).
     `image_size` replaces each task's image side (480; 512 for grounding); `exif=False` keeps images as stored."""
 
     def __init__(self, checkpoint: Any, *, device: str = "auto", dtype: str = "auto", batch_size: int = 16,
