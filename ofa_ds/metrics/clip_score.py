@@ -45,7 +45,8 @@ def open_clip_available() -> tuple[bool, str]:
 def _open_clip():
     ok, why = open_clip_available()
     if not ok:
-        raise RuntimeError(f"CLIP scoring needs open_clip: pip install 'ofa_ds[t2i]' ({why})")
+        pin = torch.__version__.split("+")[0]        # unpinned, pip would replace torch to suit a newer torchvision
+        raise RuntimeError(f"CLIP scoring needs open_clip: pip install torch=={pin} 'ofa_ds[t2i]' ({why})")
     import open_clip
     return open_clip
 
