@@ -180,7 +180,7 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 # return a RunConfig; `--set train.lr=1e-5` style overrides go through `RunConfig.override`.
 # ====================================================================================================================
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-LossName = Literal["ce", "encouraging"]
+LossName = Literal["ce", "encouraging", "scst"]
 
 
 @dataclass
@@ -293,6 +293,12 @@ class TrainConfig:
     """Append the sample ids of every step to <out>/ids_rank<r>.jsonl (resume checks, data debugging)."""
     prompt_tuning: PromptTuningConfig = field(default_factory=PromptTuningConfig)
     """Prompt tuning: prefix prompts trained, everything else frozen (off unless a length is > 0)."""
+    scst_samples: int = 5
+    """train.loss = 'scst' (caption stage 2, training/scst.py): beam size of the sample search; all its finished beams
+    are the samples of an image (OFA: 5)."""
+    scst_df: str = ""
+    """train.loss = 'scst': CIDEr-D document frequencies (`python -m ofa_ds.metrics.cider build-df --add-eos` JSON or
+    OFA's coco-train-words.p); empty = built at start from the training file's references."""
     ema_decay: float = 0.0
     """When > 0: keep an exponential moving average of the weights in float32, updated after every applied
     optimizer step (OFA's VQA recipe: 0.9999 from the first update, no bias correction; training/ema.py). Saved in
@@ -311,8 +317,10 @@ class TrainConfig:
             raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.token_weighting not in ("token", "sample"):
             raise ValueError(f"train.token_weighting must be 'token' or 'sample', got {self.token_weighting!r}")
-        if self.loss not in ("ce", "encouraging"):
-            raise ValueError(f"train.loss must be 'ce' or 'encouraging', got {self.loss!r}")
+        if self.loss not in ("ce", "encouraging", "scst"):
+            raise ValueError(f"train.loss must be 'ce', 'encouraging' or 'scst', got {self.loss!r}")
+        if self.loss == "scst" and self.scst_samples < 2:
+            raise ValueError(f"train.scst_samples must be >= 2 (leave-one-out baseline), got {self.scst_samples}")
         if self.max_steps < 1 or self.grad_accum < 1:
             raise ValueError(f"train.max_steps ({self.max_steps}) and train.grad_accum ({self.grad_accum}) "
                              "must be >= 1")

@@ -15,10 +15,10 @@
 * `<task>_prompt` (vqa, caption, refcoco, snli_ve) are prompt tuning on top of the task's recipe, with the values
   of OFA's only prompt-tuning script (RefCOCO): prefix length 100 in every encoder and decoder layer, no projection,
   100 epochs, lr 1e-4 (one of its grid's values); everything but the prompts frozen (docs/training.md#prompt-tuning).
-Not reproduced: SCST (caption stage 2) — see docs/training.md#recipes.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable
 
@@ -127,6 +127,19 @@ def caption(base: bool = False) -> RunConfig:
                      drop_worst_after=6000 if base else 2500, size="base" if base else "large")
 
 
+def caption_scst(base: bool = False) -> RunConfig:
+    """Caption stage 2 (SCST, CIDEr-D optimisation; docs/training.md#caption-stage-2-scst): start from a stage-1
+    model (--init), lr 1e-5 → 2e-7 (Base → 0), warmup 6%, 3 epochs, 2×4 per GPU, dropout and drop path 0, clip 1.0,
+    frozen embeddings, 480 px, max_tgt 20; samples = the 5 finished beams (max_len_b 16, no-repeat 3) of each image,
+    reward CIDEr-D with document frequencies of the training references, leave-one-out baseline."""
+    d = _synthetic_data("caption", batch_size=2, patch_image_size=480, max_tgt_length=20)
+    r = _finetune("caption_scst_base" if base else "caption_scst", d, lr=1e-5, grad_accum=4, drop_path=0.0, ls=0.0,
+                  epochs=3, freeze_embeddings=True, size="base" if base else "large", loss="scst",
+                  end_lr=0.0 if base else 2e-7)
+    r.model = dataclasses.replace(r.model, dropout=0.0)
+    return r
+
+
 def vqa(base: bool = False) -> RunConfig:
     """VQA: lr 5e-5, 4×4 per GPU, 40k updates / 1000 warmup (Base: 15 epochs, warmup 4%), LS 0.1, drop path 0.2
     (Base 0.1), frozen embeddings, prompt prev_output, add_object, 480 px; EMA weights (decay 0.9999 from the first
@@ -199,6 +212,7 @@ RECIPES: dict[str, Callable[[], RunConfig]] = {
     "debug": debug,
     **{f"pretrain_{s}": _with(_pretrain, s) for s in ("tiny", "medium", "base", "large", "huge")},
     "caption": caption, "caption_base": _with(caption, base=True),
+    "caption_scst": caption_scst, "caption_scst_base": _with(caption_scst, base=True),
     "vqa": vqa, "vqa_base": _with(vqa, base=True),
     "refcoco": refcoco, "refcocoplus": _with(refcoco, "refcocoplus"), "refcocog": _with(refcoco, "refcocog"),
     "refcoco_base": _with(refcoco, base=True), "refcocoplus_base": _with(refcoco, "refcocoplus", base=True),

@@ -39,7 +39,7 @@ from ofa_ds.config import RunConfig
 from ofa_ds.data.tsv import CATEGORIES
 from ofa_ds.model import OFAModel
 from ofa_ds.training import ema as ema_mod
-from ofa_ds.training import evaluate, prompt_tuning
+from ofa_ds.training import evaluate, prompt_tuning, scst
 from ofa_ds.training.checkpoints import (RUN_OWN_MODEL_FIELDS, check_resume_model, find_resume_tag, load_checkpoint,
                                          resume_failure, save_checkpoint, tag_for)
 from ofa_ds.training.dense import DenseStrategy
@@ -233,7 +233,9 @@ class Trainer:
     # ---- one step --------------------------------------------------------------------------------------------------
     def train_step(self, micro: list[Any]) -> dict[str, float]:
         sizes = [micro_batch_sizes(self.model_cfg, self.run_cfg.train, b) for b in micro]
-        loss_sum, nll_sum, total_size, bad = self.strategy.train_step(self, micro, sizes)
+        scst_run = self.run_cfg.train.loss == "scst"            # caption stage 2: training/scst.py
+        step = scst.train_step if scst_run else self.strategy.train_step
+        loss_sum, nll_sum, total_size, bad = step(self, micro, sizes)
         self.skipped += int(bad > 0)
         if self.ema is not None and not bad and self.engine.was_step_applied():
             self.ema.update(self.step + 1)            # only after applied steps (not an fp16 overflow skip)
@@ -243,7 +245,7 @@ class Trainer:
                 f.write(json.dumps({"step": self.step + 1, "ids": ids}) + "\n")
         return {"loss": loss_sum / max(total_size, 1e-9), "nll_loss": nll_sum / max(total_size, 1e-9),
                 "samples": sum(s.samples for s in sizes), "tokens": sum(s.tokens for s in sizes),
-                "flops": sum(s.flops for s in sizes)}
+                "flops": sum(s.flops for s in sizes), **({"nll_loss": None, "reward": nll_sum} if scst_run else {})}
 
     # ---- evaluation ------------------------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -414,5 +416,6 @@ class Trainer:
             "peak_mem_gib": peak_mem_gib(), "step_ms": 1000 * secs / n,
             "skipped_steps": self.skipped + int(getattr(self.engine, "skipped_steps", 0) or 0),
             "bad_rows": int(bad_rows), "bad_rows_by_reason": by_reason, "nll_loss": st["nll_loss"],
+            **({"reward": st["reward"]} if "reward" in st else {}),
             "epoch": self.stream.epoch})
 

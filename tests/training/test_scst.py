@@ -1,6 +1,10 @@
 """SCST (self-critical sequence training): text processing, leave-one-out baseline, CIDEr-D rewards with a df cache,
 and the loss: its value is -Σ log p · advantage, and one small SGD step raises the advantage-weighted log-likelihood
 of the samples."""
+import json
+import math
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +16,8 @@ from ofa_ds.metrics.cider import CiderD, build_df_from_tsv, save_df
 from ofa_ds.tokenizer import get_tokenizer
 from ofa_ds.training.scst import CiderReward, clean_caption, leave_one_out, scst_loss
 from tests.generation.conftest import tiny_model
+
+from .conftest import last_json, launch
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # many tiny ops: no spinning on shared cores
 
@@ -67,3 +73,21 @@ def test_scst_loss_and_one_step(tmp_path):
     after = [_seq_logprob(model, batch, i // 4, t) for i, t in enumerate(samples)]
     gain = sum(float(a) * (x - y) for a, x, y in zip(adv, after, lps))
     assert gain > 0          # the advantage-weighted log-likelihood went up: the gradient has the right sign
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_scst_recipe_zero3_two_ranks(tmp_path, synthetic_root):
+    """`launch/finetune.py --recipe caption_scst` under ZeRO-3 on two ranks (the debug preset's sizes): a few SCST
+    steps (generation in lockstep, rewards from the training references' document frequencies) and the final
+    held-out caption evaluation."""
+    out = str(tmp_path / "scst")
+    p = launch(["--recipe", "caption_scst", "--steps", "2", "--out", out, "--ds-config", "ds_configs/zero3_fp32.json"],
+               synthetic_root, ranks=2, script="launch/finetune.py",
+               sets=["train.grad_accum=2", "train.scst_samples=3", "train.export_final=false", "eval.max_samples=4",
+                     "train.lr=1e-3"])
+    rep = last_json(p)
+    assert rep["zero_stage"] == 3 and rep["world_size"] == 2 and "caption_cider" in rep
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        recs = [r for r in map(json.loads, f) if "reward" in r]
+    assert [r["step"] for r in recs] == [1, 2] and all(math.isfinite(r["loss"]) for r in recs)
