@@ -146,17 +146,6 @@ def _reorder(cache: dict, order: Tensor, sentences: Optional[Tensor]) -> None:
                     kv[n] = kv[n].index_select(0, idx)
 
 
-def _contiguous_cross(cache: dict) -> None:
-    """Cross-attention K/V are cached as head-transposed views of the projection output; every later step's
-    attention matmul would copy them again. One copy here makes them contiguous for the rest of the search."""
-    for key, layer in cache.items():
-        if key != "length" and "cross" in layer:
-            kv = layer["cross"]
-            for n in ("k", "v"):
-                if n in kv and not kv[n].is_contiguous():
-                    kv[n] = kv[n].contiguous()
-
-
 def _vocab_size(model) -> int:
     return model.cfg.vocab_size
 
@@ -333,8 +322,6 @@ def generate(model, batch: dict, cfg: GenerationConfig | None = None, prefix_tok
         rows_prefix = prefix.repeat_interleave(K, 0) if prefix is not None else None
         plen = rows_prefix.ne(PAD).sum(1) if rows_prefix is not None else None
         lprobs = _step_lprobs(model, tokens, step, enc, cache, cfg, trie, plen, bin_offset, code_masks)
-        if step == 0:
-            _contiguous_cross(cache)
         if step >= max_len:
             eos_col = lprobs[:, EOS].clone()
             lprobs.fill_(-math.inf)
@@ -351,14 +338,18 @@ def generate(model, batch: dict, cfg: GenerationConfig | None = None, prefix_tok
             lprobs[:, EOS] = -math.inf
         _block_ngrams(lprobs, tokens, step, cfg.no_repeat_ngram_size)
 
+        # fairseq's top 2·beam of beam×V cumulative scores, in two stages: each beam's top 2·beam tokens (adding the
+        # beam's score keeps a row's order), then the top 2·beam of those; no [bsz, beam·V] sum is materialised
         lp = lprobs.view(bsz, K, V)
         if step == 0:
             lp = lp[:, :1]
-        else:
-            lp = lp + scores[:, step - 1].view(bsz, K, 1)
+        kr = min(2 * K, V)
+        row_lp, row_tok = torch.topk(lp, kr, dim=-1)                          # [bsz, beams, kr]
+        if step > 0:
+            row_lp = row_lp + scores[:, step - 1].view(bsz, K, 1)
         k = min(2 * K, lp.shape[1] * V - 1)
-        cand_scores, idx = torch.topk(lp.reshape(bsz, -1), k)
-        cand_beams, cand_tok = idx // V, idx % V
+        cand_scores, idx = torch.topk(row_lp.reshape(bsz, -1), k)
+        cand_beams, cand_tok = idx // kr, row_tok.reshape(bsz, -1).gather(1, idx)
         if k < 2 * K:                            # tiny vocabularies: pad with dead (-inf) candidates
             fill = 2 * K - k
             cand_scores = torch.cat([cand_scores, cand_scores.new_full((bsz, fill), -math.inf)], 1)
@@ -444,8 +435,6 @@ def sample(model, batch: dict, cfg: GenerationConfig, trie: Optional[Trie] = Non
     for step in range(max_len + 1):
         _all_ranks(False, sync, dev)
         lprobs = _step_lprobs(model, tokens, step, enc, cache, cfg, trie, None, bin_offset, code_masks)
-        if step == 0:
-            _contiguous_cross(cache)
         if step >= max_len:
             eos_col = lprobs[:, EOS].clone()
             lprobs.fill_(-math.inf)
@@ -590,7 +579,6 @@ def score_candidates(model, enc, prompts: Sequence[Sequence[int]], candidates: S
         enc_b = enc.index_select(torch.tensor([b], device=dev))
         cache: dict = {}
         h_last = model.decoder(torch.tensor([p], device=dev), enc_b, None, cache, features_only=True)[:, -1]
-        _contiguous_cross(cache)
         logits = proj(h_last).float()[0]                                          # one row: the full vocabulary
         if trie is None:
             lse = torch.logsumexp(logits, -1)

@@ -76,6 +76,8 @@ class MultiheadAttention(nn.Module):
                 if not static_kv and "k" in cache:
                     k = torch.cat([cache["k"], k], dim=2)
                     v = torch.cat([cache["v"], v], dim=2)
+                elif static_kv:          # read at every step: one copy now, not one per matmul
+                    k, v = k.contiguous(), v.contiguous()
                 cache["k"], cache["v"] = k, v
         if prompt_kv is not None:
             k, v, bias, key_padding_mask = _prepend_prompt(prompt_kv, k, v, bias, key_padding_mask)

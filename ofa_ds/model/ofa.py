@@ -240,7 +240,7 @@ def embed_decoder(m: nn.Module, cfg: ModelConfig, token_embeddings: Tensor, prev
     if cache is not None:
         kept = cache.setdefault("pos", {}).setdefault("cross", {})
         if "k" not in kept:
-            kept["k"] = _pos_heads(m.cross_pos_k_linear, enc_pos_embed, heads)          # [B, H, S, d]
+            kept["k"] = _pos_heads(m.cross_pos_k_linear, enc_pos_embed, heads).contiguous()  # [B, H, S, d]
         self_abs, cross = _step_biases(m, heads, s, tok_pos, image_position_idx, code_masks, start, kept["k"], b)
     else:
         if cm is not None:
