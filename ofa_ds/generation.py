@@ -528,11 +528,12 @@ def _row_logprobs(h: Tensor, proj: torch.nn.Module, W: Optional[Tensor], tgt: Se
 
 
 def _expand_cache(cache: dict, n: int) -> dict:
-    """Fresh cache dict whose tensors are stride-0 views of `cache`'s (batch 1) repeated n times."""
+    """Fresh cache dict whose self-attention tensors are stride-0 views of `cache`'s (batch 1) repeated n times;
+    cross-attention entries stay one row (the decoder folds the n rows into one grouped cross-attention)."""
     out: dict = {"length": cache["length"]}
     for key, layer in cache.items():
         if key != "length":
-            out[key] = {kind: {name: t.expand(n, *t.shape[1:]) for name, t in kv.items()}
+            out[key] = {kind: {name: t if kind == "cross" else t.expand(n, *t.shape[1:]) for name, t in kv.items()}
                         for kind, kv in layer.items()}
     return out
 
@@ -549,9 +550,9 @@ def score_candidates(model, enc, prompts: Sequence[Sequence[int]], candidates: S
     token after the prompt (GLUE: argmax at the last position under the label constraint).
 
     Each sample's prompt is decoded once into a KV cache (its cross-attention K/V included); every chunk of
-    `chunk_rows` candidates then decodes only its answer tokens on stride-0 views of that cache, with the
-    encoder-side position bias broadcast from batch 1 — the encoder output is never copied per candidate."""
-    from ofa_ds.model import EncoderOut
+    `chunk_rows` candidates then decodes only its answer tokens on stride-0 views of the self-attention cache, and
+    against the one-row cross-attention K/V as one grouped query block — the encoder output and its K/V are never
+    copied per candidate."""
     B, N = len(prompts), len(candidates)
     dev = enc.hidden.device
     proj = model.decoder.output_projection
@@ -598,9 +599,7 @@ def score_candidates(model, enc, prompts: Sequence[Sequence[int]], candidates: S
             prev[:, :P] = torch.tensor(p, device=dev)
             for r, j in enumerate(js):
                 prev[r, P: P + len(cands[j])] = torch.tensor(cands[j], device=dev)
-            pm = enc_b.padding_mask
-            enc_c = EncoderOut(enc_b.hidden, None if pm is None else pm.expand(c, -1), enc_b.pos_embed)
-            h = model.decoder(prev, enc_c, None, _expand_cache(cache, c), features_only=True)     # [c, A, C]
+            h = model.decoder(prev, enc_b, None, _expand_cache(cache, c), features_only=True)     # [c, A, C]
             ri, ki, tg, al = [], [], [], []
             for r, j in enumerate(js):
                 for k in range(len(cands[j])):
