@@ -188,18 +188,27 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
+FIELDS = ("date", "commit", "machine", "torch", "gemm_peak_gflops", "tree", "preset", "batch", "image_size", "beam",
+          "max_len_b", "decode_steps", "threads", "device", "dtype", "backend", "encoder_s_per_caption",
+          "decoding_s_per_caption", "caption_batch_s", "captions_per_s", "vqa_candidates", "vqa_batch_s",
+          "vqa_samples_per_s", "repeats")
+"""generate.csv's columns (a caption row leaves the vqa ones empty and the other way round)."""
+
+
 def _row(base: dict, peak: float, a, name: str, B: int, label: str, req: dict, rs: list[dict]) -> dict:
     med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-    row = {**base, "gemm_peak_gflops": peak, "tree": label, "preset": name, "batch": B, "image_size": a.image_size,
-           "beam": a.beam, "max_len_b": a.max_len_b, "threads": a.threads, "device": a.device, "dtype": a.dtype,
-           "backend": a.backend, "repeats": a.repeats}
+    row = {**dict.fromkeys(FIELDS, ""), **base, "gemm_peak_gflops": peak, "tree": label, "preset": name, "batch": B,
+           "image_size": a.image_size, "beam": a.beam, "max_len_b": a.max_len_b, "threads": a.threads,
+           "device": a.device, "dtype": a.dtype, "backend": a.backend, "repeats": a.repeats}
     if "vqa_s" in med:
-        return {**row, "vqa_candidates": req["vqa"], "vqa_batch_s": round(med["vqa_s"], 4),
-                "vqa_samples_per_s": round(B / med["vqa_s"], 4)}
+        row.update(vqa_candidates=req["vqa"], vqa_batch_s=round(med["vqa_s"], 4),
+                   vqa_samples_per_s=round(B / med["vqa_s"], 4))
+        return row
     total = med["encoder_s"] + med["decoding_s"]
-    return {**row, "decode_steps": int(med["steps"]), "encoder_s_per_caption": round(med["encoder_s"] / B, 4),
-            "decoding_s_per_caption": round(med["decoding_s"] / B, 4), "caption_batch_s": round(total, 4),
-            "captions_per_s": round(B / total, 3)}
+    row.update(decode_steps=int(med["steps"]), encoder_s_per_caption=round(med["encoder_s"] / B, 4),
+               decoding_s_per_caption=round(med["decoding_s"] / B, 4), caption_batch_s=round(total, 4),
+               captions_per_s=round(B / total, 3))
+    return row
 
 
 def _table(rows: list[dict]) -> None:
