@@ -14,7 +14,7 @@ def _git_ok() -> bool:
     return subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True).returncode == 0
 
 
-@pytest.mark.parametrize("ref", [None, "HEAD"])
+@pytest.mark.parametrize("ref", [None, pytest.param("HEAD", marks=pytest.mark.slow)])
 def test_bench_generate_rows(ref, capsys):
     if ref and not _git_ok():
         pytest.skip("no git checkout")
