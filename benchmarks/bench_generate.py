@@ -14,6 +14,8 @@ table prints both and the ratio. Random weights give captions of arbitrary lengt
 --max-len-b and, with --fixed-len (on by default), eos is banned until the last step: every caption costs exactly
 max_len_b+1 steps, the slowest case, comparable between runs. Prints one JSON line per row and appends the rows to
 benchmarks/results/generate.csv (date, commit, machine, this machine's GEMM peak measured in the same run).
+Workers keep freed memory (`--malloc keep`, see KEEP_FREED), as docs/benchmarks.md#generation advises for CPU
+inference.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ def _worker(a) -> None:
     torch.set_num_threads(a.threads)
     dev, dtype = torch.device(a.device), getattr(torch, a.dtype)
     models: dict = {}
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
 
     def sync():
         if dev.type == "cuda":
@@ -70,29 +73,35 @@ def _worker(a) -> None:
                     trie.insert([0] + c + [2])
                 prompts = [[0] + torch.randint(4, 50000, (12,), generator=g).tolist() for _ in range(B)]
                 sync()
-                t0 = time.perf_counter()
+                t0 = clock()
                 enc = model.encode(batch["src_tokens"], batch["patch_images"], batch["patch_masks"])
                 score_candidates(model, enc, prompts, cands, trie=trie, chunk_rows=a.vqa_chunk)
                 sync()
-                out["vqa_s"] = time.perf_counter() - t0
+                out["vqa_s"] = clock() - t0
             else:
                 cfg = task_config("caption", beam=a.beam, max_len_b=a.max_len_b,
                                   min_len=a.max_len_b if a.fixed_len else 1)
                 sync()
-                t0 = time.perf_counter()
+                t0 = clock()
                 enc = model.encode(batch["src_tokens"], batch["patch_images"], batch["patch_masks"])
                 sync()
-                t1 = time.perf_counter()
+                t1 = clock()
                 hyps = generate(model, batch, cfg, enc=enc)
                 sync()
-                out.update(encoder_s=t1 - t0, decoding_s=time.perf_counter() - t1,
+                out.update(encoder_s=t1 - t0, decoding_s=clock() - t1,
                            steps=max(len(h[0]["tokens"]) for h in hyps))
         print("RESULT " + json.dumps(out), flush=True)
 
 
+KEEP_FREED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+"""glibc malloc settings (read at process start) that keep freed memory in the process: without them every buffer
+over 32 MB (the encoder's activations at batch 16, 480 px) goes back to the OS when freed and the next batch pays
+for faulting its pages in again, kernel time about as large as the encoder's own compute."""
+
+
 class _Worker:
-    def __init__(self, tree: str, argv: list[str]):
-        env = dict(os.environ, PYTHONPATH=tree)
+    def __init__(self, tree: str, argv: list[str], malloc: str):
+        env = dict(os.environ, PYTHONPATH=tree, **(KEEP_FREED if malloc == "keep" else {}))
         self.p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", tree, *argv],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
@@ -135,6 +144,11 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--device", default=None, help="cuda when available, else cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--backend", default="torch", choices=["torch", "triton", "auto"])
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="cpu: the worker's CPU time (process_time; with --threads 1, a machine others load "
+                        "inflates it far less than wall time); recorded in the device column as cpu-time")
+    p.add_argument("--malloc", default="keep", choices=["keep", "default"],
+                   help="keep: workers run with glibc's MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2^40 (KEEP_FREED)")
     p.add_argument("--compare-ref", default=None, metavar="REV", help="also run git revision REV, alternating")
     p.add_argument("--no-csv", action="store_true")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -149,14 +163,14 @@ def main(argv=None) -> list[dict]:
     worker_argv = [f"--{k}={v}" for k, v in (("threads", a.threads), ("device", a.device), ("dtype", a.dtype),
                                               ("backend", a.backend), ("image-size", a.image_size), ("beam", a.beam),
                                               ("max-len-b", a.max_len_b), ("fixed-len", a.fixed_len),
-                                              ("vqa-chunk", a.vqa_chunk))]
+                                              ("vqa-chunk", a.vqa_chunk), ("clock", a.clock))]
     tmp = tempfile.mkdtemp(prefix="bench_generate_")
     trees = [("HEAD", ROOT)]
     if a.compare_ref:
         rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", a.compare_ref], capture_output=True,
                              text=True, check=True).stdout.strip()
         trees.insert(0, (f"ref:{rev}", _extract(rev, tmp)))
-    workers = [_Worker(t, worker_argv) for _, t in trees]
+    workers = [_Worker(t, worker_argv, a.malloc) for _, t in trees]
     rows: list[dict] = []
     try:
         peak = gemm_peak_gflops()
@@ -189,7 +203,7 @@ def main(argv=None) -> list[dict]:
 
 
 FIELDS = ("date", "commit", "machine", "torch", "gemm_peak_gflops", "tree", "preset", "batch", "image_size", "beam",
-          "max_len_b", "decode_steps", "threads", "device", "dtype", "backend", "encoder_s_per_caption",
+          "max_len_b", "decode_steps", "threads", "device", "dtype", "backend", "malloc", "encoder_s_per_caption",
           "decoding_s_per_caption", "caption_batch_s", "captions_per_s", "vqa_candidates", "vqa_batch_s",
           "vqa_samples_per_s", "repeats")
 """generate.csv's columns (a caption row leaves the vqa ones empty and the other way round)."""
@@ -199,7 +213,8 @@ def _row(base: dict, peak: float, a, name: str, B: int, label: str, req: dict, r
     med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
     row = {**dict.fromkeys(FIELDS, ""), **base, "gemm_peak_gflops": peak, "tree": label, "preset": name, "batch": B,
            "image_size": a.image_size, "beam": a.beam, "max_len_b": a.max_len_b, "threads": a.threads,
-           "device": a.device, "dtype": a.dtype, "backend": a.backend, "repeats": a.repeats}
+           "device": a.device if a.clock == "wall" else f"{a.device} cpu-time", "dtype": a.dtype,
+           "backend": a.backend, "malloc": a.malloc, "repeats": a.repeats}
     if "vqa_s" in med:
         row.update(vqa_candidates=req["vqa"], vqa_batch_s=round(med["vqa_s"], 4),
                    vqa_samples_per_s=round(B / med["vqa_s"], 4))
