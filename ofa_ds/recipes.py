@@ -201,6 +201,7 @@ def prompt_recipe(task: str) -> RunConfig:
     run.train.prompt_tuning = PromptTuningConfig(encoder_length=100, decoder_length=100)
     run.train.lr, run.train.epochs, run.train.warmup_steps, run.train.warmup_ratio = 0.03, 100, -1, 0.06
     run.train.freeze_embeddings = False                     # everything but the prompts is frozen anyway
+    run.train.ema_decay, run.train.ema_eval = 0.0, False    # OFA's prefix script keeps no EMA (VQA's recipe does)
     return run
 
 

@@ -218,7 +218,7 @@ def test_train_prompt_tuning_section_in_json_and_set():
     for task in ("vqa", "caption", "refcoco", "snli_ve"):
         r = get_recipe(f"{task}_prompt")
         assert r.train.prompt_tuning.encoder_length == r.train.prompt_tuning.decoder_length == 100
-        assert r.data.task == get_recipe(task).data.task
+        assert r.data.task == get_recipe(task).data.task and r.train.ema_decay == 0
 
 
 def test_beam_search_with_prompts_scores_what_teacher_forcing_scores():
