@@ -53,7 +53,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ._utils import device_guard, dot_precision, interpreting, next_pow2, to_dtype
 
@@ -449,30 +448,79 @@ def _reduce_to(grad: Tensor, shape: torch.Size, dtype: torch.dtype) -> Tensor:
     return grad.reshape(shape).to(dtype)
 
 
-class AttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, bias, kpm, causal, scale):
-        with device_guard(q):
-            out, lse = _attention_fwd(q, k, v, _prepare_bias(bias, (*q.shape[:3], k.shape[2])), kpm, causal, scale)
-        ctx.save_for_backward(q, k, v, bias, kpm, out, lse)
-        ctx.causal, ctx.scale = causal, scale
-        return out
+# ----------------------------------------------------------------------------------------------------------------
+# Registration as torch custom ops (`torch.ops.ofa_ds.attention_fwd` / `attention_bwd`): a `torch.compile`d graph
+# calls them as opaque kernels instead of breaking around a Python autograd.Function. The fake (meta) functions give
+# the output shapes for tracing; the autograd formula (plain torch ops around the backward op) is traced as well.
+# ----------------------------------------------------------------------------------------------------------------
+def _is_broadcast(bias: Tensor, full: tuple[int, int, int, int]) -> bool:
+    """True when `bias` is broadcast over some dim of `full` (its gradient is then accumulated in fp32)."""
+    return tuple((1,) * (4 - bias.dim()) + tuple(bias.shape)) != tuple(full)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, do):
-        q, k, v, bias, kpm, out, lse = ctx.saved_tensors
-        full = (*q.shape[:3], k.shape[2])
-        grad_dtype = None
-        if bias is not None and ctx.needs_input_grad[3]:
-            broadcast = tuple((1,) * (4 - bias.dim()) + tuple(bias.shape)) != full
-            grad_dtype = torch.float32 if broadcast else bias.dtype
-        with device_guard(q):
-            dq, dk, dv, dbias = _attention_bwd(do, q, k, v, out, lse, _prepare_bias(bias, full), kpm, ctx.causal,
-                                               ctx.scale, grad_dtype)
-        if dbias is not None:
-            dbias = _reduce_to(dbias, bias.shape, bias.dtype)
-        return dq, dk, dv, dbias, None, None, None
+
+@torch.library.custom_op("ofa_ds::attention_fwd", mutates_args=())
+def attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, key_padding_mask: Tensor | None,
+                     causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """Forward kernel: (out [B, H, Lq, D] contiguous in q's dtype, base-2 log-sum-exp [B, H, Lq] fp32)."""
+    kpm = None
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.to(torch.bool)
+        kpm = (kpm if kpm.stride(-1) == 1 else kpm.contiguous()).view(torch.uint8)
+    with device_guard(q):
+        return _attention_fwd(q, k, v, _prepare_bias(bias, (*q.shape[:3], k.shape[2])), kpm, causal, scale)
+
+
+@attention_fwd_op.register_fake
+def _(q, k, v, bias, key_padding_mask, causal, scale):
+    B, H, Lq, D = q.shape
+    return q.new_empty((B, H, Lq, D)), q.new_empty((B, H, Lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("ofa_ds::attention_bwd", mutates_args=())
+def attention_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bias: Tensor | None,
+                     key_padding_mask: Tensor | None, causal: bool, scale: float, bias_grad: bool
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward kernels: dq, dk, dv and the [B, H, Lq, Lk] bias gradient (an empty tensor unless `bias_grad`), in
+    fp32 when the bias is broadcast, else in its dtype."""
+    full = (*q.shape[:3], k.shape[2])
+    grad_dtype = None
+    if bias is not None and bias_grad:
+        grad_dtype = torch.float32 if _is_broadcast(bias, full) else bias.dtype
+    kpm = None
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.to(torch.bool)
+        kpm = (kpm if kpm.stride(-1) == 1 else kpm.contiguous()).view(torch.uint8)
+    with device_guard(q):
+        dq, dk, dv, dbias = _attention_bwd(do, q, k, v, out, lse, _prepare_bias(bias, full), kpm, causal, scale,
+                                           grad_dtype)
+    return dq, dk, dv, dbias if dbias is not None else q.new_empty((0,))
+
+
+@attention_bwd_op.register_fake
+def _(do, q, k, v, out, lse, bias, key_padding_mask, causal, scale, bias_grad):
+    full = (*q.shape[:3], k.shape[2])
+    if bias is not None and bias_grad:
+        dbias = q.new_empty(full, dtype=torch.float32 if _is_broadcast(bias, full) else bias.dtype)
+    else:
+        dbias = q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, bias, key_padding_mask, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, bias, key_padding_mask, out, lse)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _attention_backward(ctx, do, _dlse):
+    q, k, v, bias, kpm, out, lse = ctx.saved_tensors
+    bias_grad = bias is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dbias = attention_bwd_op(do, q, k, v, out, lse, bias, kpm, ctx.causal, ctx.scale, bias_grad)
+    return dq, dk, dv, _reduce_to(dbias, bias.shape, bias.dtype) if bias_grad else None, None, None, None
+
+
+attention_fwd_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = None,
@@ -495,14 +543,10 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = N
         raise ValueError(f"head dim {D} > 128 is not supported")
     if bias is not None:
         torch.broadcast_shapes(bias.shape, (B, H, Lq, Lk))   # raises on a non-broadcastable bias
-    kpm = None
-    if key_padding_mask is not None:
-        if key_padding_mask.shape != (B, Lk):
-            raise ValueError(f"key_padding_mask must be [B, Lk] = {(B, Lk)}, got {tuple(key_padding_mask.shape)}")
-        kpm = key_padding_mask.to(torch.bool)
-        kpm = (kpm if kpm.stride(-1) == 1 else kpm.contiguous()).view(torch.uint8)
+    if key_padding_mask is not None and key_padding_mask.shape != (B, Lk):
+        raise ValueError(f"key_padding_mask must be [B, Lk] = {(B, Lk)}, got {tuple(key_padding_mask.shape)}")
     scale = D ** -0.5 if scale is None else float(scale)
     if q.numel() == 0 or k.numel() == 0:          # nothing to launch: the reference handles empty shapes
         from .reference import attention_ref
         return attention_ref(q, k, v, bias=bias, key_padding_mask=key_padding_mask, causal=causal, scale=scale)
-    return AttentionFunction.apply(q, k, v, bias, kpm, bool(causal), scale)
+    return attention_fwd_op(q, k, v, bias, key_padding_mask, bool(causal), scale)[0]

@@ -32,7 +32,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ._utils import device_guard, interpreting, next_pow2, to_dtype
 
@@ -179,31 +178,77 @@ def _rows(t: Tensor | None, n: int) -> Tensor | None:
     return t if t.is_contiguous() else t.contiguous()
 
 
-class LayerNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps):
-        shape, n = x.shape, x.shape[-1]
-        with device_guard(x):
-            y, s, mean, rstd = _layer_norm_fwd(_rows(x, n), _rows(residual, n), weight, bias, eps)
-        ctx.save_for_backward(s if s is not None else _rows(x, n), weight, mean, rstd)
-        ctx.bias_dtype, ctx.x_dtype = bias.dtype if bias is not None else None, x.dtype
-        ctx.res_dtype = residual.dtype if residual is not None else None
-        if s is None:
-            return y.reshape(shape)
-        return y.reshape(shape), s.reshape(shape)
+# ----------------------------------------------------------------------------------------------------------------
+# Registration as torch custom ops (`torch.ops.ofa_ds.layer_norm_fwd` / `layer_norm_bwd`), so that a
+# `torch.compile`d graph calls the kernels without breaking. Custom ops return tensors only: where the original
+# result is "None" (no residual, no separate residual gradient) they return an empty tensor, and the autograd
+# formula below turns it back into None from facts known at trace time (dtypes, which inputs exist).
+# ----------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("ofa_ds::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+                      eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y shaped like x, s = x + residual shaped like x or empty without a residual, fp32 mean [M], fp32 rstd [M])
+    for the M = x.numel() / N rows of width N = x.shape[-1]."""
+    n = x.shape[-1]
+    with device_guard(x):
+        y, s, mean, rstd = _layer_norm_fwd(_rows(x, n), _rows(residual, n), weight, bias, eps)
+    return y.reshape(x.shape), s.reshape(x.shape) if s is not None else x.new_empty((0,)), mean, rstd
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy, ds=None):
-        s, weight, mean, rstd = ctx.saved_tensors
-        n = s.shape[-1]
-        with device_guard(s):
-            dx, dres, dw, db = _layer_norm_bwd(_rows(dy, n), _rows(ds, n), s, weight, mean, rstd, ctx.x_dtype,
-                                               ctx.res_dtype)
-        shape = dy.shape
-        dw = dw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        db = db.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
-        return dx.reshape(shape), dw, db, dres.reshape(shape) if dres is not None else None, None
+
+@layer_norm_fwd_op.register_fake
+def _(x, weight, bias, residual, eps):
+    m = x.numel() // x.shape[-1]
+    s = x.new_empty(x.shape, dtype=torch.result_type(x, residual)) if residual is not None else x.new_empty((0,))
+    return (x.new_empty(x.shape), s, x.new_empty((m,), dtype=torch.float32),
+            x.new_empty((m,), dtype=torch.float32))
+
+
+@torch.library.custom_op("ofa_ds::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd_op(dy: Tensor, ds: Tensor | None, s: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
+                      x_dtype: torch.dtype, res_dtype: torch.dtype | None
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx shaped like dy, the residual's gradient when its dtype differs from x's else empty, fp32 dweight [N],
+    fp32 dbias [N]). `s` is the normalised input (x, or x + residual)."""
+    n = s.shape[-1]
+    with device_guard(s):
+        dx, dres, dw, db = _layer_norm_bwd(_rows(dy, n), _rows(ds, n), _rows(s, n), weight, mean, rstd, x_dtype,
+                                           res_dtype)
+    separate = res_dtype is not None and res_dtype != x_dtype
+    return dx.reshape(dy.shape), dres.reshape(dy.shape) if separate else dy.new_empty((0,)), dw, db
+
+
+@layer_norm_bwd_op.register_fake
+def _(dy, ds, s, weight, mean, rstd, x_dtype, res_dtype):
+    n = s.shape[-1]
+    separate = res_dtype is not None and res_dtype != x_dtype
+    dres = dy.new_empty(dy.shape, dtype=res_dtype) if separate else dy.new_empty((0,))
+    return (dy.new_empty(dy.shape, dtype=x_dtype), dres, dy.new_empty((n,), dtype=torch.float32),
+            dy.new_empty((n,), dtype=torch.float32))
+
+
+def _layer_norm_setup_context(ctx, inputs, output):
+    x, weight, bias, residual, eps = inputs
+    _, s, mean, rstd = output
+    ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
+    ctx.bias_dtype, ctx.x_dtype = bias.dtype if bias is not None else None, x.dtype
+    ctx.res_dtype = residual.dtype if residual is not None else None
+
+
+def _layer_norm_backward(ctx, dy, ds, _dmean, _drstd):
+    s, weight, mean, rstd = ctx.saved_tensors
+    if ctx.res_dtype is None:
+        ds = None                                     # s is x itself: there is no returned sum to take a gradient
+    dx, dres, dw, db = layer_norm_bwd_op(dy, ds, s, weight, mean, rstd, ctx.x_dtype, ctx.res_dtype)
+    if ctx.res_dtype is None:
+        dres = None
+    elif ctx.res_dtype == ctx.x_dtype:
+        dres = dx                                     # as torch's AddBackward: the same tensor for both inputs
+    dw = dw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+    db = db.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
+    return dx, dw, db, dres, None
+
+
+layer_norm_fwd_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
 
 
 def triton_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5, *,
@@ -224,4 +269,5 @@ def triton_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps
         return layer_norm_ref(x, weight, bias, eps, residual=residual)
     weight = weight if weight is None or weight.is_contiguous() else weight.contiguous()
     bias = bias if bias is None or bias.is_contiguous() else bias.contiguous()
-    return LayerNormFunction.apply(x, weight, bias, residual, float(eps))
+    y, s, _, _ = layer_norm_fwd_op(x, weight, bias, residual, float(eps))
+    return y if residual is None else (y, s)
