@@ -50,6 +50,9 @@ class DenseStrategy:
             n = set_activation_checkpointing(model, True)
             if tr.rank == 0:
                 print(f"activation checkpointing on {n} layers", file=sys.stderr, flush=True)
+        if tr.run_cfg.train.compile:
+            from ofa_ds.training.compile import compile_model
+            compile_model(model, tr.device)
         return model
 
     def data_shard(self, tr) -> tuple[int, int]:

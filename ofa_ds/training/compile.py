@@ -1,0 +1,78 @@
+"""`train.compile`: the model that the DeepSpeed engine runs, through `torch.compile` (inductor, CPU and GPU).
+
+What is unusual:
+  * What is compiled is a set of regions, not the whole model: every encoder layer, every decoder layer and the
+    ResNet stem, each by `nn.Module.compile()` (in place: parameter names, state dicts and checkpoints are unchanged,
+    and DeepSpeed's ZeRO-3 hooks stay on the same modules). The layers of one stack share their code, so Dynamo
+    compiles a layer once and reuses it for the others (a whole-model compile traces every layer separately and
+    breaks at the model's data-dependent Python anyway: the duplicate-image check, the "any padding?" tests, the
+    packed logits). The Triton attention and LayerNorm are torch custom ops (ofa_ds/kernels), so they sit inside
+    the compiled graphs as opaque calls.
+  * Under ZeRO-3, DeepSpeed's per-module gather hooks are excluded from compilation (`torch.compiler.disable` in
+    DeepSpeed), so each compiled layer is cut into pieces between its parameterised submodules; results stay exact,
+    the gain shrinks. DeepSpeed's own `engine.compile()` compiles the whole module the same way (`module.compile`),
+    with the cost above; its DeepCompile backend is GPU-only and is not used.
+  * Inductor on CPU generates C++ and needs a C++ compiler. Without one, `compile_model` prints why and leaves the
+    model eager (the run still trains); `check_cpu_compiler` is the test.
+  * Shapes vary from batch to batch (sequence lengths, image counts): after the first new shape Dynamo recompiles
+    the region once with dynamic sizes (`dynamic=None`, PyTorch's default), not once per shape.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import torch
+from torch import nn
+
+
+def check_cpu_compiler() -> str | None:
+    """None when inductor can build C++ here, else a one-line reason. Tries the compiler inductor would use ($CXX,
+    else g++/clang++/c++) on a two-line program."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++", "c++"]
+    cxx = next((shutil.which(n) for n in names if shutil.which(n)), None)
+    if cxx is None:
+        return (f"no C++ compiler found ({'$CXX=' + names[0] if os.environ.get('CXX') else ', '.join(names)} not on "
+                "PATH); inductor needs one on CPU: install g++ (apt-get install g++) or set CXX")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "t.cpp")
+        with open(src, "w") as f:
+            f.write("#include <cmath>\nint main() { return (int) std::sqrt(0.0); }\n")
+        try:
+            p = subprocess.run([cxx, src, "-O1", "-o", os.path.join(tmp, "t")], capture_output=True, text=True,
+                               timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"the C++ compiler {cxx} does not run: {e}"
+        if p.returncode != 0:
+            return f"the C++ compiler {cxx} fails on a two-line program: {p.stderr.strip()[-300:]}"
+    return None
+
+
+def regions(model: nn.Module) -> list[nn.Module]:
+    """The modules `compile_model` compiles: the ResNet stem (if any), every encoder and decoder layer."""
+    out: list[nn.Module] = []
+    enc, dec = getattr(model, "encoder", None), getattr(model, "decoder", None)
+    if enc is not None and getattr(enc, "embed_images", None) is not None:
+        out.append(enc.embed_images)
+    for stack in (enc, dec):
+        if stack is not None:
+            out.extend(stack.layers)
+    if not out:
+        raise TypeError(f"train.compile: {type(model).__name__} has no encoder/decoder layers to compile")
+    return out
+
+
+def compile_model(model: nn.Module, device: torch.device, *, backend: str = "inductor", log=sys.stderr) -> bool:
+    """Compile the regions of `model` in place (see the header). Returns False, after saying why on `log`, when
+    the model stays eager (inductor on a CPU without a working C++ compiler)."""
+    if backend == "inductor" and device.type == "cpu":
+        why = check_cpu_compiler()
+        if why is not None:
+            print(f"train.compile: {why}; training continues without compiling", file=log, flush=True)
+            return False
+    for m in regions(model):
+        m.compile(backend=backend)
+    return True
