@@ -154,8 +154,8 @@ class PipelineStrategy:
             raise ConfigMismatch(f"{self.where}: the model has prompt-tuning prompts (from --init); the pipeline "
                                  f"stages have none. Train it with the dense strategy (ZeRO 0-3).")
         if tr.run_cfg.train.compile:
-            raise ConfigMismatch(f"train.compile=true with the pipeline ds_config {self.where}: compiling is implemented "
-                             "for the dense strategy only (ZeRO 0-3 configs); set train.compile=false")
+            raise ConfigMismatch(f"{self.where}: a \"pipeline\" block together with train.compile=true; compiling is "
+                                 "implemented for the dense strategy only (ZeRO 0-3). Set train.compile=false.")
         dense_state = None if init is None else init.state_dict()
         self.loss_fn = StepLoss(self, tr)
         module = pipeline.build_pipeline(tr.model_cfg, num_stages=self.stages, loss_fn=self.loss_fn,
