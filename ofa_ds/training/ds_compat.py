@@ -1,6 +1,10 @@
 """The one place where ofa_ds reaches into DeepSpeed internals (anything not in DeepSpeed's public API).
 
-Today that is a single hook: the pipeline strategy with ZeRO-0 must measure the gradient norm over all pipeline
+Two hooks. (1) `one_rank_backend`: on CPU, DeepSpeed's communication backend compiles a shared-memory all-reduce op
+(`deepspeed_shm_comm`, C++ built with ninja on first use: 1-4 minutes on two cores, a large part of a fresh install's
+first default run) when the process group starts, whatever the world size; a one-rank run never all-reduces between
+processes, so the build is skipped there by making DeepSpeed's `build_shm_op` return None (what it returns itself
+where the op is unsupported; DeepSpeed then uses torch.distributed's collectives). (2) The pipeline strategy with ZeRO-0 must measure the gradient norm over all pipeline
 stages and clip before the optimizer step, because DeepSpeed's fp32 clipping under a pipeline grid counts only stage
 0's gradients. `PipelineEngine` has no public hook there; it dispatches each schedule instruction through the class
 attribute `_INSTRUCTION_MAP` (instruction type -> method), so the engine instance gets its own copy of that map with
@@ -11,7 +15,9 @@ written for and fails with a message naming both, instead of misbehaving silentl
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import importlib
+from typing import Callable, Iterator
 
 KNOWN_VERSIONS = ((0, 14), (0, 19))
 """Inclusive (major, minor) range of DeepSpeed releases whose PipelineEngine dispatch this adapter matches; setup.py
@@ -57,3 +63,23 @@ def before_optimizer_step(engine, hook: Callable[[object], None]) -> None:
         return step(eng, *args, **kwargs)
 
     engine._INSTRUCTION_MAP = {**table, schedule.OptimizerStep: optimizer_step}
+
+
+@contextlib.contextmanager
+def one_rank_backend(world_size: int) -> Iterator[None]:
+    """Inside: DeepSpeed's CPU backend skips building its shared-memory all-reduce op when `world_size` is 1 (the op
+    only speeds up collectives between processes of one node). Does nothing for larger worlds, or when the installed
+    DeepSpeed has no `deepspeed.comm.torch.build_shm_op`."""
+    try:                               # `from deepspeed.comm import torch` would give the torch package itself
+        ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    except ImportError:
+        ds_torch_comm = None
+    if world_size != 1 or ds_torch_comm is None or not hasattr(ds_torch_comm, "build_shm_op"):
+        yield
+        return
+    build = ds_torch_comm.build_shm_op
+    ds_torch_comm.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        ds_torch_comm.build_shm_op = build

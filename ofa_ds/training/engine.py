@@ -15,6 +15,7 @@ import torch.distributed as dist
 import deepspeed
 
 from ofa_ds.cluster.ports import free_port
+from ofa_ds.training.ds_compat import one_rank_backend
 from ofa_ds.training.ds_config import zero_stage
 
 
@@ -35,7 +36,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    world_env = os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or "0"
+    with one_rank_backend(int(world_env)):                # one rank: DeepSpeed's shm all-reduce op is not built
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))
