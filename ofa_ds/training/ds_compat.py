@@ -1,14 +1,16 @@
 """The one place where ofa_ds reaches into DeepSpeed internals (anything not in DeepSpeed's public API).
 
-Two hooks. (1) `one_rank_backend`: on CPU, DeepSpeed's communication backend compiles a shared-memory all-reduce op
-(`deepspeed_shm_comm`, C++ built with ninja on first use: 1-4 minutes on two cores, a large part of a fresh install's
-first default run) when the process group starts, whatever the world size; a one-rank run never all-reduces between
-processes, so the build is skipped there by making DeepSpeed's `build_shm_op` return None (what it returns itself
-where the op is unsupported; DeepSpeed then uses torch.distributed's collectives). (2) The pipeline strategy with ZeRO-0 must measure the gradient norm over all pipeline
-stages and clip before the optimizer step, because DeepSpeed's fp32 clipping under a pipeline grid counts only stage
-0's gradients. `PipelineEngine` has no public hook there; it dispatches each schedule instruction through the class
-attribute `_INSTRUCTION_MAP` (instruction type -> method), so the engine instance gets its own copy of that map with
-the OptimizerStep entry wrapped.
+Two hooks.
+  * `one_rank_backend`: on CPU, DeepSpeed's communication backend compiles a shared-memory all-reduce op
+    (`deepspeed_shm_comm`, C++ built with ninja on first use: 1-4 minutes on two cores, a large part of a fresh
+    install's first default run) when the process group starts, whatever the world size. A one-rank run never
+    all-reduces between processes, so there DeepSpeed's `build_shm_op` is made to return None (what it returns
+    itself where the op is unsupported; torch.distributed's collectives are used then).
+  * `before_optimizer_step`: the pipeline strategy with ZeRO-0 must measure the gradient norm over all pipeline
+    stages and clip before the optimizer step, because DeepSpeed's fp32 clipping under a pipeline grid counts only
+    stage 0's gradients. `PipelineEngine` has no public hook there; it dispatches each schedule instruction through
+    the class attribute `_INSTRUCTION_MAP` (instruction type -> method), so the engine instance gets its own copy of
+    that map with the OptimizerStep entry wrapped.
 
 Internals move between DeepSpeed releases, so the adapter checks the installed version against the range it was
 written for and fails with a message naming both, instead of misbehaving silently on another layout.
