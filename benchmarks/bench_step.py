@@ -239,12 +239,13 @@ def breakdown(step: Step) -> dict:
     for e in events:
         if e.sequence_nr >= 0 and autograd_root(e) is None:
             seq_label.setdefault(e.sequence_nr, region(e) or "other")
-    fwd, bwd, gemm, total = {}, {}, 0.0, 0.0
+    fwd, bwd, gemm, total, ops = {}, {}, 0.0, 0.0, {}
     for e in events:
         if e.name.startswith(pre):
             continue
         t = e.self_cpu_time_total / 1000
         total += t
+        ops[e.name] = ops.get(e.name, 0.0) + t
         if e.name in GEMM_OPS:
             gemm += t
         root = autograd_root(e)
@@ -262,7 +263,7 @@ def breakdown(step: Step) -> dict:
         f, b = fwd.get(k, 0.0), bwd.get(k, 0.0)
         rows[k] = {"forward_ms": round(f, 1), "backward_ms": round(b, 1), "share": round((f + b) / total, 3)}
     return {"profiled_step_ms": round(wall, 1), "cpu_ms": round(total, 1), "gemm_conv_share": round(gemm / total, 3),
-            "modules": rows}
+            "modules": rows, "top_ops_ms": {k: round(v, 1) for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:15]}}
 
 
 # ---- one measurement ------------------------------------------------------------------------------------------------
@@ -271,6 +272,11 @@ def measure(a) -> dict:
         sys.path.insert(0, os.path.abspath(a.tree))
     import ofa_ds
     torch.set_num_threads(a.threads)
+    try:                                  # what the trainer does on CPU (absent in older trees: left untuned)
+        from ofa_ds.training import cpu_malloc
+        malloc_tuned = a.device == "cpu" and cpu_malloc.tune()
+    except ImportError:
+        malloc_tuned = False
     step = Step(a)
     times, cpu, flops = [], [], []
     peak = None
@@ -299,7 +305,7 @@ def measure(a) -> dict:
            "cpu_ms": round(statistics.median(cpu), 2),
            "gflop_per_step": round(statistics.mean(flops) / 1e9, 2), "gflops": round(gflops, 1),
            "gemm_peak_gflops": peak, "peak_fraction": round(gflops / peak, 3) if peak else None,
-           "params": step.model.num_params(), "steps": a.steps, "tree": os.path.dirname(ofa_ds.__path__[0])}
+           "params": step.model.num_params(), "steps": a.steps, "malloc_tuned": malloc_tuned, "tree": os.path.dirname(ofa_ds.__path__[0])}
     if a.profile:
         res["breakdown"] = breakdown(step)
     return res

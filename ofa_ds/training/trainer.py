@@ -39,7 +39,7 @@ from ofa_ds.config import RunConfig
 from ofa_ds.data.tsv import CATEGORIES
 from ofa_ds.model import OFAModel
 from ofa_ds.training import ema as ema_mod
-from ofa_ds.training import evaluate, prompt_tuning, scst
+from ofa_ds.training import cpu_malloc, evaluate, prompt_tuning, scst
 from ofa_ds.training.checkpoints import (RUN_OWN_MODEL_FIELDS, check_resume_model, find_resume_tag, load_checkpoint,
                                          resume_failure, save_checkpoint, tag_for)
 from ofa_ds.training.dense import DenseStrategy
@@ -100,6 +100,8 @@ class Trainer:
         strategy.check(self.world)
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))   # ranks share the cores
+        if self.device.type == "cpu":
+            cpu_malloc.tune()                                  # freed step memory is reused, not re-faulted
         self.out = run.out_dir
         self.ckpt_dir = os.path.join(self.out, "checkpoints")
         check_writable(self.out)
