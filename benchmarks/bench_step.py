@@ -263,7 +263,8 @@ def breakdown(step: Step) -> dict:
         f, b = fwd.get(k, 0.0), bwd.get(k, 0.0)
         rows[k] = {"forward_ms": round(f, 1), "backward_ms": round(b, 1), "share": round((f + b) / total, 3)}
     return {"profiled_step_ms": round(wall, 1), "cpu_ms": round(total, 1), "gemm_conv_share": round(gemm / total, 3),
-            "modules": rows, "top_ops_ms": {k: round(v, 1) for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:15]}}
+            "modules": rows,
+            "top_ops_ms": {k: round(v, 1) for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:15]}}
 
 
 # ---- one measurement ------------------------------------------------------------------------------------------------
@@ -305,7 +306,8 @@ def measure(a) -> dict:
            "cpu_ms": round(statistics.median(cpu), 2),
            "gflop_per_step": round(statistics.mean(flops) / 1e9, 2), "gflops": round(gflops, 1),
            "gemm_peak_gflops": peak, "peak_fraction": round(gflops / peak, 3) if peak else None,
-           "params": step.model.num_params(), "steps": a.steps, "malloc_tuned": malloc_tuned, "tree": os.path.dirname(ofa_ds.__path__[0])}
+           "params": step.model.num_params(), "steps": a.steps, "malloc_tuned": malloc_tuned,
+           "tree": os.path.dirname(ofa_ds.__path__[0])}
     if a.profile:
         res["breakdown"] = breakdown(step)
     return res
