@@ -110,31 +110,6 @@ def ds_config(strategy: str, batch: int) -> dict:
     return cfg
 
 
-def zero3_ofa_init(model) -> None:
-    """OFAModel.reset_parameters for a model built under zero.Init: each module's partitioned parameters are gathered
-    (one module at a time), initialised on rank 0 and re-partitioned."""
-    import deepspeed
-    import torch
-    from torch import nn
-
-    from ofa_ds.model.ofa import bert_init_
-    seen = set()
-    for name, m in model.named_modules():
-        own = [p for p in m.parameters(recurse=False) if id(p) not in seen]
-        if not own:
-            continue
-        seen.update(id(p) for p in own)
-        with deepspeed.zero.GatheredParameters(own, modifier_rank=0), torch.no_grad():
-            if ".embed_images" in name:
-                if isinstance(m, nn.Conv2d):
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                elif isinstance(m, nn.BatchNorm2d):
-                    nn.init.ones_(m.weight)
-                    nn.init.zeros_(m.bias)
-            else:
-                bert_init_(m)
-
-
 def run_job(a) -> dict:
     import deepspeed
     import torch
@@ -161,16 +136,9 @@ def run_job(a) -> dict:
         local = sum(p.numel() for p in model.parameters())
     else:
         if a.strategy.startswith("zero3"):
-            # OFAModel.reset_parameters runs after the submodules were partitioned; under zero.Init it would index
-            # empty tensors, so it is skipped here and zero3_ofa_init does the same init module by module.
-            orig = OFAModel.reset_parameters
-            OFAModel.reset_parameters = lambda self: None
-            try:
-                with deepspeed.zero.Init(config_dict_or_path=dcfg, remote_device="cpu"):
-                    model = OFAModel(cfg)
-            finally:
-                OFAModel.reset_parameters = orig
-            zero3_ofa_init(model)
+            # built under zero.Init and initialised module by module, as the trainer does (training/zero3.py)
+            from ofa_ds.training.zero3 import build_sharded
+            model = build_sharded(cfg, dcfg)
         else:
             model = OFAModel(cfg)
         model.train()

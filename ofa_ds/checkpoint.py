@@ -36,7 +36,8 @@ import torch
 
 from ofa_ds.config import PRESETS, RELEASED_PRESETS, ModelConfig
 from ofa_ds.model import OFAModel
-from ofa_ds.model.weights import CheckpointError, export_folder, load_state_strict
+from ofa_ds.model.weights import (CheckpointError, DictSource, FolderSource, TensorSource, export_folder,
+                                  load_state_strict, read_folder_config)
 
 RESNET_TYPES = {"resnet50": (3, 4, 6), "resnet101": (3, 4, 23), "resnet152": (3, 8, 36)}
 
@@ -56,24 +57,30 @@ def _allowed_globals() -> list:
     return allowed
 
 
-def read_checkpoint_file(path: str) -> dict:
-    """Unpickle an official checkpoint with the restricted (weights-only) unpickler; clear errors otherwise."""
-    ckpt = unpickle_restricted(path)
+def read_checkpoint_file(path: str, mmap: bool = False) -> dict:
+    """Unpickle an official checkpoint with the restricted (weights-only) unpickler; clear errors otherwise.
+    `mmap=True` leaves the tensors in the file (paged in when read) where its format allows (torch's zip format;
+    older files are read whole)."""
+    ckpt = unpickle_restricted(path, mmap=mmap)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         keys = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path}: expected an official OFA checkpoint (a dict with 'model'), found {keys}")
     return ckpt
 
 
-def unpickle_restricted(path: str, extra_globals: Sequence[Any] = ()) -> Any:
+def unpickle_restricted(path: str, extra_globals: Sequence[Any] = (), mmap: bool = False) -> Any:
     """Any torch file through the weights-only unpickler with the allow-list of `_allowed_globals` plus
     `extra_globals` (classes, or (inert placeholder, "module.Name") pairs as torch.serialization.safe_globals
-    takes them); a file naming any other global is refused with a CheckpointError naming it, before it runs."""
+    takes them); a file naming any other global is refused with a CheckpointError naming it, before it runs.
+    `mmap=True`: tensors stay in a zip-format file until read."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if mmap:
+        import zipfile
+        mmap = zipfile.is_zipfile(path)
     try:
         with torch.serialization.safe_globals(_allowed_globals() + list(extra_globals)):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         found = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))
         if not found:                # torch's own text suggests an unsafe reload: keep only the unpickler's reason
@@ -244,6 +251,18 @@ def _atomic_torch_save(obj: Any, path: str) -> None:
 def load_folder(folder: str, **config_overrides: Any) -> OFAModel:
     """Inverse of `export_folder`; eval mode. `config_overrides` replace ModelConfig fields."""
     return OFAModel.from_pretrained(folder, **config_overrides)
+
+
+def open_weights(path: str, **config_overrides: Any) -> tuple[ModelConfig, TensorSource]:
+    """The ModelConfig and a per-tensor reader of an official `.pt` (memory-mapped) or an exported folder, without
+    building the model: for loading a sharded model module by module (`training/zero3.py`)."""
+    if os.path.isdir(path):
+        cfg, weights = read_folder_config(path, **config_overrides)
+        return cfg, FolderSource(weights)
+    ckpt = read_checkpoint_file(path, mmap=True)
+    state = ckpt["model"]
+    cfg = dataclasses.replace(config_from_checkpoint(ckpt, state), **config_overrides)
+    return cfg, DictSource(state, path)
 
 
 def load_any(path: str, **config_overrides: Any) -> OFAModel:

@@ -32,6 +32,7 @@ What is unusual about OFA, and what this file does about it:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -458,23 +459,36 @@ class OFAModel(nn.Module):
     its three official names). Construct with a `ModelConfig` (see `ofa_ds.config.PRESETS`).
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, init: bool = True):
+        """`init=False` leaves the parameters as their constructors made them: a caller that builds the model
+        sharded (parameters partitioned as each submodule is made) runs `init_steps()` itself, one module at a
+        time."""
         super().__init__()
         self.cfg = cfg
         embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=PAD)
         self.encoder = Encoder(cfg, embed_tokens)
         self.decoder = Decoder(cfg, embed_tokens)
-        self.reset_parameters()
+        if init:
+            self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """OFA's BERT-style init: Linear/Embedding N(0, 0.02), padding row 0, LayerNorm (1, 0), ResNet kaiming;
         then the NormFormer LayerNorm weights set to cfg.normformer_init (1 = OFA's init)."""
-        for name, m in self.named_modules():
-            if not (".embed_images" in name or name.endswith("embed_images")):
-                bert_init_(m)
-        self.encoder.embed_images.reset_parameters()
-        normformer_init_(self, self.cfg.normformer_init)
+        for m, fn in self.init_steps():
+            fn(m)
+
+    def init_steps(self) -> list[tuple[nn.Module, Callable[[nn.Module], None]]]:
+        """`reset_parameters` as ordered (module, init function) steps; each step touches only that module's own
+        parameters (not its children's), so the same init can run on a model whose parameters are sharded."""
+        steps: list[tuple[nn.Module, Callable[[nn.Module], None]]] = [
+            (m, bert_init_) for name, m in self.named_modules()
+            if not (".embed_images" in name or name.endswith("embed_images"))]
+        steps += self.encoder.embed_images.init_steps()
+        gain = self.cfg.normformer_init
+        steps += [(m, lambda m: m.weight.fill_(gain)) for name, m in self.named_modules()
+                  if isinstance(m, nn.LayerNorm) and name.rsplit(".", 1)[-1] in NORMFORMER_LN]
+        return steps
 
     def encode(self, src_tokens: Tensor, patch_images: Tensor | None = None, patch_masks: Tensor | None = None,
                sample_patch_num: int | None = None) -> EncoderOut:

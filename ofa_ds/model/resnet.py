@@ -7,6 +7,8 @@ trained with --freeze-resnet. Module names equal the official `encoder.embed_ima
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -108,6 +110,19 @@ class Bottleneck(nn.Module):
         return self.relu(identity + self.drop_path(out))
 
 
+def _kaiming_(m: nn.Module) -> None:
+    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+def _bn_ones_zeros_(m: nn.Module) -> None:
+    nn.init.ones_(m.weight)
+    nn.init.zeros_(m.bias)
+
+
+def _zero_weight_(m: nn.Module) -> None:
+    nn.init.zeros_(m.weight)
+
+
 class ResNet(nn.Module):
     """Stem + three Bottleneck stages (planes 64/128/256, strides 1/2/2): B×3×H×W → B×1024×H/16×W/16."""
 
@@ -131,16 +146,23 @@ class ResNet(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        for m, fn in self.init_steps():
+            fn(m)
+
+    def init_steps(self) -> list[tuple[nn.Module, Callable[[nn.Module], None]]]:
+        """`reset_parameters` as ordered (module, init function) steps, each touching only that module's own
+        parameters: conv kaiming (fan_out), BatchNorm (1, 0), then each bottleneck's bn3 at 0 when
+        zero_init_residual. A caller whose parameters are sharded runs them one module at a time."""
+        steps: list[tuple[nn.Module, Callable[[nn.Module], None]]] = []
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                steps.append((m, _kaiming_))
             elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+                steps.append((m, _bn_ones_zeros_))
         if self.zero_init_residual:   # each bottleneck starts as its shortcut: bn3 (the branch's last norm) at 0
-            for m in self.modules():
-                if isinstance(m, Bottleneck) and isinstance(m.bn3, nn.BatchNorm2d):
-                    nn.init.zeros_(m.bn3.weight)
+            steps += [(m.bn3, _zero_weight_) for m in self.modules()
+                      if isinstance(m, Bottleneck) and isinstance(m.bn3, nn.BatchNorm2d)]
+        return steps
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

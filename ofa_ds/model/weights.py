@@ -11,6 +11,12 @@
   derived buffers omitted) + the tokenizer files; `read_folder(folder)` returns its config and state dict, and
   `OFAModel.from_pretrained(folder)` builds the model from them.
 
+* Module-by-module loading (a model whose parameters are sharded, so that no process holds them all): a
+  `TensorSource` reads one tensor at a time (`FolderSource`: safetensors, per tensor; `DictSource`: a state dict,
+  e.g. an official file opened with `torch.load(mmap=True)` so its tensors are paged in only when read);
+  `plan_load(own_shapes, source, where)` does `load_state_strict`'s accounting on shapes alone and says which
+  stored tensor fills each model entry.
+
 This module does not know the model class (it takes any module with OFA's state-dict keys), so that the class can
 offer `from_pretrained` without an import cycle. The official `.pt` format is in ofa_ds/checkpoint.py, which
 re-exports these names.
@@ -99,6 +105,13 @@ def read_folder(folder: str, **config_overrides: Any) -> tuple[ModelConfig, dict
     folder written by `export_folder`."""
     from safetensors.torch import load_file
 
+    cfg, weights = read_folder_config(folder, **config_overrides)
+    return cfg, load_file(weights), weights
+
+
+def read_folder_config(folder: str, **config_overrides: Any) -> tuple[ModelConfig, str]:
+    """The ModelConfig of an exported folder (with `config_overrides`) and its weights file's path; no tensor is
+    read."""
     cfg_path = os.path.join(folder, "config.json")
     weights = os.path.join(folder, "model.safetensors")
     for p in (cfg_path, weights):
@@ -109,4 +122,92 @@ def read_folder(folder: str, **config_overrides: Any) -> tuple[ModelConfig, dict
     if "ofa_ds_config" not in meta:
         raise CheckpointError(f"{cfg_path}: no 'ofa_ds_config' entry; was this folder written by ofa_ds?")
     cfg = ModelConfig.from_dict(meta["ofa_ds_config"], where=cfg_path)
-    return dataclasses.replace(cfg, **config_overrides), load_file(weights), weights
+    return dataclasses.replace(cfg, **config_overrides), weights
+
+
+class TensorSource:
+    """A checkpoint read one tensor at a time: `keys()`, `shape(key)`, `get(key)` (a CPU tensor); `where` names it."""
+
+    where = "?"
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def get(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DictSource(TensorSource):
+    """A state dict already opened (an official file loaded with mmap=True keeps its tensors on disk until read)."""
+
+    def __init__(self, state: dict[str, torch.Tensor], where: str):
+        self.state, self.where = state, where
+
+    def keys(self) -> list[str]:
+        return list(self.state)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.state[key].shape)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.state[key]
+
+
+class FolderSource(TensorSource):
+    """The model.safetensors of an exported folder, read per tensor (nothing else is loaded)."""
+
+    def __init__(self, weights: str):
+        from safetensors import safe_open
+        self.where = weights
+        self._f = safe_open(weights, framework="pt", device="cpu")
+
+    def keys(self) -> list[str]:
+        return list(self._f.keys())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._f.get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._f.get_tensor(key)
+
+
+def plan_load(own_shapes: dict[str, tuple[int, ...]], source: TensorSource) -> dict[str, str | None]:
+    """For every model entry (`own_shapes`: state-dict key -> shape), the stored key that fills it, or None for a
+    recomputable buffer the source lacks (the model keeps its own). The same accounting as `load_state_strict`
+    (tied tables stored once or equal, derived buffers optional, every missing / unexpected / mis-shaped key named
+    in one CheckpointError), done on shapes so that no tensor is read; tied tables are compared when several are
+    stored."""
+    where = source.where
+    stored = set(source.keys())
+    tied = [k for k in TIED if k in stored]
+    if not tied:
+        raise CheckpointError(f"{where}: missing the token table ({TIED[0]})")
+    first = source.get(tied[0]) if len(tied) > 1 else None
+    for k in tied[1:]:
+        if not torch.equal(source.get(k), first):
+            raise CheckpointError(f"{where}: {k} differs from {TIED[0]}; OFA ties these three tensors")
+    plan: dict[str, str | None] = {}
+    for k in own_shapes:
+        if k in stored:
+            plan[k] = k
+        elif k in TIED:
+            plan[k] = tied[0]
+        elif k in DERIVED_BUFFERS:
+            plan[k] = None
+    missing = sorted(set(own_shapes) - set(plan))
+    unexpected = sorted(stored - set(own_shapes))
+    shapes = [f"{k}: file {source.shape(v)} vs model {tuple(own_shapes[k])}"
+              for k, v in plan.items() if v is not None and source.shape(v) != tuple(own_shapes[k])]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {missing[:20]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {unexpected[:20]}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es): {shapes[:20]}")
+        raise CheckpointError(f"{where}: state dict does not match the model; " + "; ".join(parts))
+    return plan

@@ -62,24 +62,17 @@ def main(argv: list[str] | None = None, default_recipe: str = "default", descrip
         return 0
     from ofa_ds.training import faults
     from ofa_ds.training.trainer import Trainer
+    trainer = Trainer(run, resume=a.resume)
     try:
-        report = Trainer(run, resume=a.resume).run()      # a "pipeline" block in the ds_config picks the pipeline
+        report = trainer.run()                             # a "pipeline" block in the ds_config picks the pipeline
     except Exception as e:                                 # noqa: BLE001 (unknown ones are re-raised)
         return faults.report(e)
-    _shutdown_distributed()
+    from ofa_ds.training.shutdown import release_distributed
+    release_distributed(getattr(trainer, "engine", None))   # every rank done before rank 0 reports
+    del trainer
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(report, sort_keys=True), flush=True)
     return 0
-
-
-def _shutdown_distributed() -> None:
-    """Let every rank finish before rank 0 reports, then tear the default process group down. The launch scripts
-    still leave through `shutdown.exit_process`: the engine keeps its own gloo groups alive past this call."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def last_json_line(text: str) -> dict:

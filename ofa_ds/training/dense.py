@@ -14,6 +14,8 @@ What is unusual:
   * The forward returns packed logits of the real target positions only (`OFAModel.forward(keep=...)`): the tied
     output projection is not spent on padding.
   * Held-out evaluation runs on the engine's module on every rank (each rank its shard, records gathered).
+  * With ZeRO-3 the model is built under deepspeed.zero.Init, initialised and --init-loaded one module at a time
+    (`training/zero3.py`).
 """
 from __future__ import annotations
 
@@ -27,10 +29,11 @@ import torch.distributed as dist
 from ofa_ds.losses import pair_loss
 from ofa_ds.model import OFAModel
 from ofa_ds.training.checkpoints import consolidated_state_dict
-from ofa_ds.training.ds_config import build_ds_config
+from ofa_ds.training.ds_config import build_ds_config, zero_stage
 from ofa_ds.training.engine import all_reduce
 from ofa_ds.training.evaluate import net_input, to_device
 from ofa_ds.training.objective import MicroSizes, batch_loss, parts_of
+from ofa_ds.training.zero3 import ShardedInit, build_sharded
 
 
 class DenseStrategy:
@@ -41,8 +44,12 @@ class DenseStrategy:
     def check(self, world: int | None) -> None:
         """Nothing to check: any world size works."""
 
-    def build(self, tr, init: OFAModel | None) -> torch.nn.Module:
-        model = OFAModel(tr.model_cfg) if init is None else init.train()
+    def build(self, tr, init: OFAModel | ShardedInit | None) -> torch.nn.Module:
+        cfg = build_ds_config(tr.run_cfg.ds_config, tr.run_cfg, tr.world)
+        if zero_stage(cfg) == 3:       # built under zero.Init: no rank ever holds all parameters
+            model = build_sharded(tr.model_cfg, cfg, init).train()
+        else:
+            model = OFAModel(tr.model_cfg) if init is None else init.train()
         if tr.run_cfg.train.freeze_embeddings:
             model.encoder.embed_tokens.weight.requires_grad_(False)
         if tr.run_cfg.train.activation_checkpointing:

@@ -49,6 +49,7 @@ from ofa_ds.training.faults import RunFault, check_readable, check_writable, wri
 from ofa_ds.training.metrics_log import MetricsLogger, device_peak_tflops, peak_mem_gib
 from ofa_ds.training.objective import micro_batch_sizes, parts_of
 from ofa_ds.training.pipeline_strategy import PipelineStrategy, has_pipeline_block, raw_ds_config
+from ofa_ds.training.zero3 import ShardedInit, open_sharded_init
 
 BAD_ROW_CATEGORIES = tuple(CATEGORIES)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -66,10 +67,11 @@ def strategy_for(run: RunConfig) -> DenseStrategy | PipelineStrategy:
     return PipelineStrategy(run) if pipelined else DenseStrategy()
 
 
-def load_init(run: RunConfig) -> OFAModel | None:
+def load_init(run: RunConfig, sharded_rank: int | None = None) -> OFAModel | ShardedInit | None:
     """The weights named by train.init (an official .pt, an exported folder, or one of our run folders: its final/
     folder), or None for a fresh model. This run's dropout and kernel settings are kept; the checkpoint decides the
-    architecture."""
+    architecture. With `sharded_rank` (a ZeRO-3 build) nothing is loaded yet: rank 0 opens the file and every rank
+    gets its ModelConfig (`training/zero3.py` loads it module by module into the sharded model)."""
     init = run.train.init
     if not init:
         return None
@@ -77,6 +79,8 @@ def load_init(run: RunConfig) -> OFAModel | None:
     if os.path.isdir(init) and os.path.isdir(os.path.join(init, "final")):
         init = os.path.join(init, "final")
     keep = {k: getattr(run.model, k) for k in RUN_OWN_MODEL_FIELDS} | prompt_tuning.model_overrides(run)
+    if sharded_rank is not None:
+        return open_sharded_init(init, sharded_rank, **keep)
     from ofa_ds.checkpoint import load_any
     return load_any(init, **keep)
 
@@ -110,7 +114,8 @@ class Trainer:
             self._ensure_synthetic(run.synthetic_root)
         self._check_inputs(run)
         torch.manual_seed(run.train.seed)
-        init = load_init(run)
+        sharded = isinstance(strategy, DenseStrategy) and zero_stage(raw_ds_config(run.ds_config)) == 3
+        init = load_init(run, self.rank if sharded else None)      # ZeRO-3: built sharded (training/zero3.py)
         self.precision = resolve_precision(run.train.precision, raw_ds_config(run.ds_config))
         model_cfg = prompt_tuning.model_config(run, init.cfg if init is not None else run.model)
         self.run_cfg = dataclasses.replace(run, model=model_cfg,
