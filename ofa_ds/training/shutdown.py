@@ -1,23 +1,23 @@
 """How a finished distributed worker leaves: `release_distributed` (ordered teardown), then `exit_process`.
 
-Why a rank could abort after a successful run ("terminate called without an active exception", SIGABRT, exit 250
-through the launcher): gloo runs each collective on its own C++ worker threads (`pt_gloo_runloop`, two per process
-group, plus `gloo_tcp_loop` and rank 0's TCPStore thread `pt_tcpstore_uv`). A worker that finishes a collective
-drops the work's tensors, and dropping the last reference to a tensor that has a Python object takes the GIL. A
-DeepSpeed engine, its ZeRO-3 parameters (each carries `ds_process_group`) and its process groups stay reachable to
-the end (hook closures, deepspeed.utils.groups, deepspeed.comm), so `destroy_process_group()` joins none of those
-threads; they are still running when the interpreter finalises. A worker that then asks for the GIL is ended by
-CPython with pthread_exit, whose forced unwinding reaches a noexcept C++ destructor (the work's) and calls
-std::terminate: the message above, from whichever rank lost the race. Collectives still in flight at the end make
-it likely: ZeRO-3 prefetches the next modules' parameters asynchronously, and the last evaluation or save leaves
-such work behind.
+The abort this guards against: after a successful two-rank ZeRO-3 run one rank sometimes died with "terminate
+called without an active exception" (SIGABRT; exit 250 through the launcher). What was measured here: gloo runs
+collectives on C++ threads (`pt_gloo_runloop`, two per process group, `gloo_tcp_loop`, and rank 0's TCPStore thread
+`pt_tcpstore_uv`); all of them are still running after `destroy_process_group()` and after the engine's `destroy()`,
+because DeepSpeed keeps its process groups reachable to the end (each ZeRO-3 parameter's `ds_process_group`, the
+engine's and the optimizer's group attributes, `deepspeed.utils.groups`, the zero.Init context, hook closures). They
+are therefore torn down during interpreter finalisation. There, CPython ends any thread that asks for the GIL with
+pthread_exit; a gloo worker asks for it when it drops the last reference to a tensor that has a Python object (the
+buffers of a collective it has just finished), and the forced unwinding then meets a noexcept C++ destructor, which
+calls std::terminate: exactly that message. Work still in flight at the end makes it likely: ZeRO-3 prefetches
+parameters with asynchronous all-gathers, and the last evaluation or checkpoint save leaves such work behind.
 
-The teardown therefore (1) releases the engine while everything is alive: DeepSpeed's `destroy()` removes the
-ZeRO-3 hooks and hands back every gathered or prefetched parameter (waiting for its all-gather), (2) lets every
-rank reach a barrier twice (gloo's barrier waits for all earlier work of its group; the second one for the first's
-release), so that no collective is in flight on any rank, (3) destroys the process groups, and (4) leaves with
-`os._exit`, skipping interpreter finalisation, where gloo's threads would meet a dying interpreter. Everything the
-job writes is flushed and closed before that point. benchmarks/bench_exit.py counts rank exit codes over many
+So the teardown (1) releases the engine while everything is alive: DeepSpeed's `destroy()` removes the ZeRO-3
+hooks and waits for and frees every gathered or prefetched parameter; (2) lets every rank pass a barrier twice
+(gloo's barrier completes after all earlier work of its group; the second one after the first is released), so no
+collective is in flight on any rank and every work's tensors were dropped on this thread; (3) destroys the process
+groups; (4) leaves with `os._exit`, so no gloo thread ever meets a finalising interpreter. Everything the job writes
+is flushed and closed before that point. `benchmarks/bench_exit.py` counts rank exit codes over consecutive
 two-rank ZeRO-3 runs (docs/scale.md has the figure).
 """
 from __future__ import annotations
