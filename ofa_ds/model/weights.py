@@ -176,7 +176,7 @@ class FolderSource(TensorSource):
 
 def plan_load(own_shapes: dict[str, tuple[int, ...]], source: TensorSource) -> dict[str, str | None]:
     """For every model entry (`own_shapes`: state-dict key -> shape), the stored key that fills it, or None for a
-    recomputable buffer the source lacks (the model keeps its own). The same accounting as `load_state_strict`
+    recomputable buffer or a prompt the source lacks (the model keeps its own). The accounting of `load_state_strict`
     (tied tables stored once or equal, derived buffers optional, every missing / unexpected / mis-shaped key named
     in one CheckpointError), done on shapes so that no tensor is read; tied tables are compared when several are
     stored."""
@@ -195,8 +195,8 @@ def plan_load(own_shapes: dict[str, tuple[int, ...]], source: TensorSource) -> d
             plan[k] = k
         elif k in TIED:
             plan[k] = tied[0]
-        elif k in DERIVED_BUFFERS:
-            plan[k] = None
+        elif k in DERIVED_BUFFERS or "_prompt_encoder." in k:
+            plan[k] = None          # recomputed buffers; prompts the file lacks keep the model's fresh values
     missing = sorted(set(own_shapes) - set(plan))
     unexpected = sorted(stored - set(own_shapes))
     shapes = [f"{k}: file {source.shape(v)} vs model {tuple(own_shapes[k])}"

@@ -70,13 +70,14 @@ def _own_params(m: torch.nn.Module) -> list[torch.nn.Parameter]:
     return list(m.parameters(recurse=False))
 
 
-def initialise(model: OFAModel) -> None:
-    """Run `model.init_steps()` on a zero.Init model: each step's module gathered, set on rank 0, re-partitioned."""
+def initialise(model: OFAModel, only: set[int] | None = None) -> None:
+    """Run `model.init_steps()` on a zero.Init model: each step's module gathered, set on rank 0, re-partitioned
+    (`only`: the ids of the modules to initialise; None = all)."""
     import deepspeed
     rank = dist.get_rank()
     for m, fn in model.init_steps():
         own = _own_params(m)
-        if not own:
+        if not own or (only is not None and id(m) not in only):
             continue
         with deepspeed.zero.GatheredParameters(own, modifier_rank=0), torch.no_grad():
             if rank == 0:
@@ -112,6 +113,9 @@ def load_module_by_module(model: OFAModel, init: ShardedInit) -> None:
     dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
         raise CheckpointError(box[0])
+    fresh = [n for n, _ in model.named_parameters() if "_prompt_encoder." in n]
+    if fresh:       # prompts the file may lack (decided on rank 0, the same on every rank): initialised first
+        initialise(model, only={id(m) for n, m in model.named_modules() if "_prompt_encoder" in n})
     with torch.no_grad():
         for mod_name, m in model.named_modules():
             prefix = f"{mod_name}." if mod_name else ""
@@ -120,7 +124,8 @@ def load_module_by_module(model: OFAModel, init: ShardedInit) -> None:
                 with deepspeed.zero.GatheredParameters(list(own.values()), modifier_rank=0):
                     if rank == 0:
                         for n, p in own.items():
-                            p.data.copy_(init.source.get(plan[prefix + n]))
+                            if plan[prefix + n] is not None:
+                                p.data.copy_(init.source.get(plan[prefix + n]))
             for n, b in m.named_buffers(recurse=False):
                 key = prefix + n
                 if key in DERIVED_BUFFERS or n in getattr(m, "_non_persistent_buffers_set", ()):
