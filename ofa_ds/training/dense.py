@@ -29,7 +29,7 @@ import torch.distributed as dist
 from ofa_ds.losses import pair_loss
 from ofa_ds.model import OFAModel
 from ofa_ds.training.checkpoints import consolidated_state_dict
-from ofa_ds.training.ds_config import build_ds_config, zero_stage
+from ofa_ds.training.ds_config import build_ds_config, load_ds_json, zero_stage
 from ofa_ds.training.engine import all_reduce
 from ofa_ds.training.evaluate import net_input, to_device
 from ofa_ds.training.objective import MicroSizes, batch_loss, parts_of
@@ -45,8 +45,12 @@ class DenseStrategy:
         """Nothing to check: any world size works."""
 
     def build(self, tr, init: OFAModel | ShardedInit | None) -> torch.nn.Module:
-        cfg = build_ds_config(tr.run_cfg.ds_config, tr.run_cfg, tr.world)
-        if zero_stage(cfg) == 3:       # built under zero.Init: no rank ever holds all parameters
+        ds = tr.run_cfg.ds_config
+        raw = load_ds_json(ds) if isinstance(ds, str) and ds else (ds or {})
+        if isinstance(init, ShardedInit) or zero_stage(raw) == 3:
+            # built under zero.Init (its ZeRO-3 block and precision from the resolved config): no rank ever holds
+            # all parameters
+            cfg = build_ds_config(tr.run_cfg.ds_config, tr.run_cfg, tr.world)
             model = build_sharded(tr.model_cfg, cfg, init).train()
         else:
             model = OFAModel(tr.model_cfg) if init is None else init.train()

@@ -1,6 +1,6 @@
 """The one place where ofa_ds reaches into DeepSpeed internals (anything not in DeepSpeed's public API).
 
-Two hooks.
+Three hooks.
   * `one_rank_backend`: on CPU, DeepSpeed's communication backend compiles a shared-memory all-reduce op
     (`deepspeed_shm_comm`, C++ built with ninja on first use: 1-4 minutes on two cores, a large part of a fresh
     install's first default run) when the process group starts, whatever the world size. A one-rank run never
@@ -11,6 +11,9 @@ Two hooks.
     stage 0's gradients. `PipelineEngine` has no public hook there; it dispatches each schedule instruction through
     the class attribute `_INSTRUCTION_MAP` (instruction type -> method), so the engine instance gets its own copy of
     that map with the OptimizerStep entry wrapped.
+  * `wait_zero3_prefetches`: at the end of a ZeRO-3 job, wait for the parameter all-gathers ZeRO-3 issued ahead of
+    use (its coordinator keeps their handles in a private registry), so that no collective is in flight when the
+    job tears down (training/shutdown.py).
 
 Internals move between DeepSpeed releases, so the adapter checks the installed version against the range it was
 written for and fails with a message naming both, instead of misbehaving silently on another layout.
@@ -85,3 +88,18 @@ def one_rank_backend(world_size: int) -> Iterator[None]:
         yield
     finally:
         ds_torch_comm.build_shm_op = build
+
+
+def wait_zero3_prefetches(engine) -> int:
+    """Wait for every asynchronous ZeRO-3 parameter all-gather still registered as in flight (prefetched ahead of a
+    forward that never came); returns how many there were. A no-op for other stages and other layouts."""
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    coordinator = offload.get_param_coordinator() if offload is not None else None
+    registry = getattr(coordinator, "_PartitionedParameterCoordinator__inflight_param_registry", None)
+    if not registry:
+        return 0
+    n = 0
+    for param in list(registry):
+        registry.pop(param).wait()
+        n += 1
+    return n

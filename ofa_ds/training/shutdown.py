@@ -12,13 +12,13 @@ buffers of a collective it has just finished), and the forced unwinding then mee
 calls std::terminate: exactly that message. Work still in flight at the end makes it likely: ZeRO-3 prefetches
 parameters with asynchronous all-gathers, and the last evaluation or checkpoint save leaves such work behind.
 
-So the teardown (1) releases the engine while everything is alive: DeepSpeed's `destroy()` removes the ZeRO-3
-hooks and waits for and frees every gathered or prefetched parameter; (2) lets every rank pass a barrier twice
-(gloo's barrier completes after all earlier work of its group; the second one after the first is released), so no
-collective is in flight on any rank and every work's tensors were dropped on this thread; (3) destroys the process
-groups; (4) leaves with `os._exit`, so no gloo thread ever meets a finalising interpreter. Everything the job writes
-is flushed and closed before that point. `benchmarks/bench_exit.py` counts rank exit codes over consecutive
-two-rank ZeRO-3 runs (docs/scale.md has the figure).
+So the teardown (1) releases the engine while everything is alive: the ZeRO-3 all-gathers still in flight
+(prefetches) are waited for (`ds_compat.wait_zero3_prefetches`) and DeepSpeed's `destroy()` removes the engine's
+hooks; (2) lets every rank pass a barrier twice (gloo's barrier completes after all earlier work of its group; the
+second one after the first is released), so no collective is in flight on any rank; (3) destroys the process groups;
+(4) leaves with `os._exit`, so no gloo thread ever meets a finalising interpreter. Everything the job writes is
+flushed and closed before that point. `benchmarks/bench_exit.py` counts rank exit codes over consecutive two-rank
+ZeRO-3 runs (docs/scale.md has the figure).
 """
 from __future__ import annotations
 
@@ -29,15 +29,18 @@ import sys
 
 
 def release_distributed(engine=None) -> None:
-    """Ordered teardown of a finished distributed job (collective: every rank calls it): the engine's hooks and
-    gathered parameters released, two barriers, every process group destroyed. No-op without a process group."""
+    """Ordered teardown of a finished distributed job (collective: every rank calls it): in-flight ZeRO-3
+    all-gathers waited for, the engine's hooks removed, two barriers, every process group destroyed. No-op without
+    a process group."""
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
         return
     if engine is not None:
+        from ofa_ds.training.ds_compat import wait_zero3_prefetches
+        wait_zero3_prefetches(engine)   # ZeRO-3 all-gathers issued ahead of a forward that never came
         destroy = getattr(engine, "destroy", None)
         if destroy is not None:
-            destroy()                   # ZeRO-3: hooks removed, in-flight / prefetched all-gathers waited and freed
+            destroy()                   # ZeRO-3: module and gradient hooks removed
     gc.collect()                        # work handles and tensors dropped here, on this thread, with the GIL
     dist.barrier()
     dist.barrier()
