@@ -66,12 +66,18 @@ def main(argv=None) -> int:
     ap.add_argument("--log", default="-", help="progress and the output of every rank that did not exit 0")
     ap.add_argument("--csv", help="append the summary row to benchmarks/results/<csv>")
     ap.add_argument("--synthetic", help="synthetic data root (OFA_DS_SYNTHETIC) for the job")
+    ap.add_argument("--until", help="UTC time HH:MM after which no further run starts (the summary counts the runs "
+                                    "done)")
     a = ap.parse_args(argv)
     log = sys.stdout if a.log == "-" else open(a.log, "a", buffering=1)
     counts: collections.Counter = collections.Counter()
     bad_runs = 0
     t0 = time.time()
+    done = 0
     for i in range(a.runs):
+        if a.until and time.strftime("%H:%M", time.gmtime()) >= a.until:
+            print(f"--until {a.until} reached after {done} runs", file=log, flush=True)
+            break
         out = tempfile.mkdtemp(prefix="exitcheck_")
         try:
             res = one_run(out, a.world, a.timeout, a.synthetic)
@@ -79,19 +85,20 @@ def main(argv=None) -> int:
             shutil.rmtree(out, ignore_errors=True)
         codes = [c for c, _ in res]
         counts.update(codes)
+        done += 1
         bad_runs += any(codes)
         print(f"run {i + 1}/{a.runs}: rank exit codes {codes} ({time.time() - t0:.0f} s)", file=log, flush=True)
         for r, (c, tail) in enumerate(res):
             if c:
                 print(f"--- run {i + 1} rank {r} exit {c}, output tail:\n{tail}\n---", file=log, flush=True)
-    summary = {"runs": a.runs, "world": a.world, "rank_exits": {str(k): v for k, v in sorted(counts.items())},
+    summary = {"runs": done, "world": a.world, "rank_exits": {str(k): v for k, v in sorted(counts.items())},
                "aborts": counts.get(-6, 0), "failed_runs": bad_runs, "wall_s": round(time.time() - t0, 1)}
     print("SUMMARY " + json.dumps(summary), file=log, flush=True)
     if log is not sys.stdout:
         print("SUMMARY " + json.dumps(summary), flush=True)
     if a.csv:
         from benchmarks.common import append_csv, base_row
-        append_csv(a.csv, dict(base_row(), job="debug zero3_fp32 2 steps save+eval", runs=a.runs, world=a.world,
+        append_csv(a.csv, dict(base_row(), job="debug zero3_fp32 2 steps save+eval", runs=done, world=a.world,
                                rank_exit_0=counts.get(0, 0), aborts=counts.get(-6, 0), failed_runs=bad_runs,
                                wall_s=summary["wall_s"]))
     return 1 if bad_runs else 0
