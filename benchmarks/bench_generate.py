@@ -170,6 +170,7 @@ def main(argv=None) -> list[dict]:
         rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", a.compare_ref], capture_output=True,
                              text=True, check=True).stdout.strip()
         trees.insert(0, (f"ref:{rev}", _extract(rev, tmp)))
+    start = base_row()                           # commit and machine as of the start (the tree may change)
     workers = [_Worker(t, worker_argv, a.malloc) for _, t in trees]
     rows: list[dict] = []
     try:
@@ -188,7 +189,7 @@ def main(argv=None) -> list[dict]:
                             if i >= a.warmup:
                                 res[k].append(r)
                     for (label, _), rs in zip(trees, res):
-                        rows.append(_row(base_row(), peak, a, name, B, label, req, rs))
+                        rows.append(_row({**start, "date": base_row()["date"]}, peak, a, name, B, label, req, rs))
                         print(json.dumps(rows[-1]), flush=True)
     finally:
         for w in workers:
