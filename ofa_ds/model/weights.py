@@ -63,6 +63,8 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], where: s
     for k in own:              # prompts the file does not have: the model's own (fresh) ones
         if "_prompt_encoder." in k and k not in state:
             state[k] = own[k]
+    for k in [k for k in state if k.endswith("num_batches_tracked") and k not in own]:
+        del state[k]           # a BatchNorm counter the FrozenBatchNorm2d of model.frozen_bn does not keep
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"

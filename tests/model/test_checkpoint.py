@@ -144,3 +144,21 @@ def test_untrusted_pickle_is_refused(tmp_path):
 def test_folder_errors(tmp_path):
     with pytest.raises(CheckpointError, match="config.json is missing"):
         load_folder(str(tmp_path))
+
+
+def test_frozen_bn_loads_a_trained_batchnorm_folder(tmp_path):
+    """model.frozen_bn (OFA's --freeze-resnet) is a run's own setting: weights saved with BatchNorm2d (which keeps
+    num_batches_tracked) load into FrozenBatchNorm2d with the same statistics."""
+    import torch
+
+    from ofa_ds.checkpoint import export_folder, load_folder
+    from ofa_ds.config import preset
+    from ofa_ds.model import OFAModel
+    torch.manual_seed(0)
+    model = OFAModel(preset("debug"))
+    with torch.no_grad():
+        model.encoder.embed_images.bn1.running_mean.add_(0.5)
+    export_folder(model, str(tmp_path / "m"))
+    frozen = load_folder(str(tmp_path / "m"), frozen_bn=True)
+    assert torch.equal(frozen.encoder.embed_images.bn1.running_mean, model.encoder.embed_images.bn1.running_mean)
+    assert not any(k.endswith("num_batches_tracked") for k in frozen.state_dict())
