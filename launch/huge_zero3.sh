@@ -11,6 +11,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # glibc: keep large blocks in mmap (returned to the OS on free) instead of letting the threshold float up to 32 MiB,
 # which leaves GiBs of freed build-time tensors resident in the heap
 export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-131072}
+# and keep the trainer's own glibc tuning (ofa_ds/training/cpu_malloc.py: no mmap, no trim) off: here memory is the
+# limit, not page faults
+export OFA_DS_MALLOC_TUNE=${OFA_DS_MALLOC_TUNE:-0}
 PORT=${MASTER_PORT:-29613}
 # DeepSpeed's CPU shared-memory all-reduce leaves one 66 MB /dev/shm file per rank behind: remove ours on exit
 trap 'rm -f /dev/shm/deepspeed_allreduce_buffer_*_${PORT}_*' EXIT
