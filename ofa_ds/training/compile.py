@@ -16,9 +16,13 @@ What is unusual:
     model eager (the run still trains); `check_cpu_compiler` is the test.
   * Shapes vary from batch to batch (sequence lengths, image counts): after the first new shape Dynamo recompiles
     the region once with dynamic sizes (`dynamic=None`, PyTorch's default), not once per shape.
+  * Held-out evaluation runs the compiled layers eagerly (`eager_unless(False)` around it in the trainer): greedy
+    decoding with a growing cache would recompile a region for every variant of its inputs and spend more time
+    compiling than the few evaluation batches take.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -76,3 +80,11 @@ def compile_model(model: nn.Module, device: torch.device, *, backend: str = "ind
     for m in regions(model):
         m.compile(backend=backend)
     return True
+
+
+def eager_unless(compiled: bool):
+    """A context in which compiled regions run their eager code (`torch.compiler.set_stance("force_eager")`) unless
+    `compiled`; a no-op on torch builds without set_stance (< 2.6), where they stay compiled."""
+    if compiled or not hasattr(torch.compiler, "set_stance"):
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")

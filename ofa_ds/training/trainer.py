@@ -257,7 +257,8 @@ class Trainer:
     # ---- evaluation ------------------------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics on rank 0 ({} elsewhere). Collective."""
-        with self._ema_weights():
+        from ofa_ds.training.compile import eager_unless
+        with self._ema_weights(), eager_unless(False):    # compiled layers run eager here (ofa_ds/training/compile.py)
             model, dtype, sharded = self.strategy.eval_model(self)
             return self._evaluate(model, dtype, sharded)
 

@@ -97,3 +97,26 @@ def test_compile_model_compiles_the_layers_in_place():
     assert compile_model(model, torch.device("cpu"), backend="eager") is True
     assert len(regions(model)) == 1 + 2 + 2 and all(m._compiled_call_impl is not None for m in regions(model))
     assert list(model.state_dict()) == keys                # checkpoints keep the official names
+
+
+def test_evaluation_context_runs_compiled_regions_eagerly():
+    from ofa_ds.training.compile import eager_unless
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    class Twice(torch.nn.Module):
+        def forward(self, x):
+            return 2 * x + 1
+
+    torch._dynamo.reset()
+    lin = Twice()
+    lin.compile(backend=backend)
+    x = torch.randn(2, 3)
+    with eager_unless(False):
+        assert torch.equal(lin(x), 2 * x + 1)
+    assert graphs == []
+    with eager_unless(True):
+        lin(x)
+    assert len(graphs) == 1
