@@ -60,7 +60,11 @@ class _Stopped(Exception):
     pass
 
 
+_SIGTERM = []
+
+
 def _stop(signum, frame):
+    _SIGTERM.append(signum)
     raise _Stopped()
 
 
@@ -158,7 +162,9 @@ def main(argv=None) -> list[dict]:
             for pq in pairs:
                 if pq in first:
                     times[pq].append(step(models[pq])[0])
-    except _Stopped:
+    except Exception:        # _Stopped, or whatever a library wrapped it in (Triton's InterpreterError, inductor's)
+        if not _SIGTERM:
+            raise
         print("bench_compile: stopped by SIGTERM; writing the rows measured so far", file=sys.stderr, flush=True)
     pairs = [pq for pq in pairs if pq in first and times[pq]]
     flops = train_flops_per_sample(cfg, a.image_size, a.src_len, a.tgt_len) * a.batch
