@@ -342,14 +342,17 @@ class Encoder(nn.Module):
         self.encoder_prompt_encoder = build_prompt_encoder(cfg, "encoder")
 
     def embed(self, src_tokens: Tensor, patch_images: Tensor | None = None, patch_masks: Tensor | None = None,
-              sample_patch_num: int | None = None) -> dict:
-        """`embed_encoder` with this encoder's modules and token table."""
-        return embed_encoder(self, self.cfg, self.embed_tokens(src_tokens), src_tokens, patch_images, patch_masks,
+              sample_patch_num: int | None = None, token_embeddings: Tensor | None = None) -> dict:
+        """`embed_encoder` with this encoder's modules and token table (`token_embeddings`: the looked-up rows of
+        src_tokens when the caller already has them)."""
+        if token_embeddings is None:
+            token_embeddings = self.embed_tokens(src_tokens)
+        return embed_encoder(self, self.cfg, token_embeddings, src_tokens, patch_images, patch_masks,
                              sample_patch_num)
 
     def forward(self, src_tokens: Tensor, patch_images: Tensor | None = None, patch_masks: Tensor | None = None,
-                sample_patch_num: int | None = None) -> EncoderOut:
-        state = self.embed(src_tokens, patch_images, patch_masks, sample_patch_num)
+                sample_patch_num: int | None = None, token_embeddings: Tensor | None = None) -> EncoderOut:
+        state = self.embed(src_tokens, patch_images, patch_masks, sample_patch_num, token_embeddings)
         x = state["x"]
         prompts = self.encoder_prompt_encoder(x.shape[0]) if self.encoder_prompt_encoder is not None else None
         for idx, layer in enumerate(self.layers):
@@ -385,19 +388,23 @@ class Decoder(nn.Module):
         self.decoder_prompt_encoder = build_prompt_encoder(cfg, "decoder")
 
     def embed(self, prev_output_tokens: Tensor, enc: EncoderOut, code_masks: Tensor | None = None,
-              start: int = 0, cache: dict | None = None) -> dict:
-        """`embed_decoder` with this decoder's modules, token table and code-position table."""
-        return embed_decoder(self, self.cfg, self.embed_tokens(prev_output_tokens[:, start:]), prev_output_tokens,
+              start: int = 0, cache: dict | None = None, token_embeddings: Tensor | None = None) -> dict:
+        """`embed_decoder` with this decoder's modules, token table and code-position table (`token_embeddings`:
+        the looked-up rows of prev_output_tokens[:, start:] when the caller already has them)."""
+        if token_embeddings is None:
+            token_embeddings = self.embed_tokens(prev_output_tokens[:, start:])
+        return embed_decoder(self, self.cfg, token_embeddings, prev_output_tokens,
                              enc.pos_embed, self.image_position_idx, code_masks, start, cache)
 
     def forward(self, prev_output_tokens: Tensor, enc: EncoderOut, code_masks: Tensor | None = None,
-                cache: dict | None = None, features_only: bool = False) -> Tensor:
+                cache: dict | None = None, features_only: bool = False,
+                token_embeddings: Tensor | None = None) -> Tensor:
         start = 0
         if cache is not None:
             start = cache.get("length", 0)
             if start >= prev_output_tokens.shape[1]:
                 raise ValueError(f"cache already holds {start} positions; give the prefix plus new tokens")
-        state = self.embed(prev_output_tokens, enc, code_masks, start, cache)
+        state = self.embed(prev_output_tokens, enc, code_masks, start, cache, token_embeddings)
         x = state["x"]
         prompts = self.decoder_prompt_encoder(x.shape[0]) if self.decoder_prompt_encoder is not None else None
         for idx, layer in enumerate(self.layers):
@@ -507,11 +514,16 @@ class OFAModel(nn.Module):
         and a padded batch would spend it on every pad position). `ofa_ds.losses` accepts both shapes."""
         if prev_output_tokens is None:
             raise ValueError("OFAModel.forward needs prev_output_tokens (decoder input, starting with bos=0)")
-        enc = self.encode(src_tokens, patch_images, patch_masks, sample_patch_num)
-        if keep is None:
-            return self.decode(prev_output_tokens, enc, code_masks)
-        h = self.decoder(prev_output_tokens, enc, code_masks, features_only=True)        # [B, T, C]
-        return self.decoder.output_projection(h[keep])                                    # [N, V]
+        # One look-up of the shared table for both token sets: in training, one dense V×C gradient (zero-filled,
+        # then added to the output projection's) instead of two.
+        n = src_tokens.numel()
+        rows = self.encoder.embed_tokens(torch.cat([src_tokens.reshape(-1), prev_output_tokens.reshape(-1)]))
+        src_emb = rows[:n].view(*src_tokens.shape, -1)
+        prev_emb = rows[n:].view(*prev_output_tokens.shape, -1)
+        enc = self.encoder(src_tokens, patch_images, patch_masks, sample_patch_num, token_embeddings=src_emb)
+        h = self.decoder(prev_output_tokens, enc, code_masks, features_only=keep is not None,
+                         token_embeddings=prev_emb)
+        return h if keep is None else self.decoder.output_projection(h[keep])             # [B, T, V] or [N, V]
 
     # -- accounting ------------------------------------------------------------------------------------------------
     def num_params(self, trainable_only: bool = False) -> int:
