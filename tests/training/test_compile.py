@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 
 import pytest
 import torch
@@ -50,6 +51,8 @@ def _train_all(out):
                 losses.append(tr.train_step([next(batches)])["loss"])
                 tr.step += 1
             res[(stage, compiled)] = losses
+            if tr.rank == 0:                           # progress in the captured output (compiles take minutes)
+                print(f"zero {stage} compiled {compiled}: losses {losses}", file=sys.stderr, flush=True)
             del tr
     return res
 
