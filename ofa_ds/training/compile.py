@@ -3,15 +3,16 @@
 What is unusual:
   * What is compiled is a set of regions, not the whole model: every encoder layer, every decoder layer and the
     ResNet stem, each by `nn.Module.compile()` (in place: parameter names, state dicts and checkpoints are unchanged,
-    and DeepSpeed's ZeRO-3 hooks stay on the same modules). The layers of one stack share their code, so Dynamo
+    and DeepSpeed's hooks stay on the same modules). The layers of one stack share their code, so Dynamo
     compiles a layer once and reuses it for the others (a whole-model compile traces every layer separately and
     breaks at the model's data-dependent Python anyway: the duplicate-image check, the "any padding?" tests, the
     packed logits). The Triton attention and LayerNorm are torch custom ops (ofa_ds/kernels), so they sit inside
     the compiled graphs as opaque calls.
-  * Under ZeRO-3, DeepSpeed's per-module gather hooks are excluded from compilation (`torch.compiler.disable` in
-    DeepSpeed), so each compiled layer is cut into pieces between its parameterised submodules; results stay exact,
-    the gain shrinks. DeepSpeed's own `engine.compile()` compiles the whole module the same way (`module.compile`),
-    with the cost above; its DeepCompile backend is GPU-only and is not used.
+  * ZeRO-3 is refused (`check_zero_stage`): its per-module hooks gather and release each parameter in place between
+    forward and backward, and the compiled graphs keep the parameters as saved tensors, so the backward fails with
+    "modified by an inplace operation" (measured on two CPU ranks). ZeRO 0-2 leave the parameters alone.
+    DeepSpeed's own `engine.compile()` compiles the whole module with the same `module.compile()`, so it meets the
+    same problem; its DeepCompile backend (which compiles the gathers themselves) is GPU-only and is not used.
   * Inductor on CPU generates C++ and needs a C++ compiler. Without one, `compile_model` prints why and leaves the
     model eager (the run still trains); `check_cpu_compiler` is the test.
   * Shapes vary from batch to batch (sequence lengths, image counts): after the first new shape Dynamo recompiles
@@ -88,3 +89,14 @@ def eager_unless(compiled: bool):
     if compiled or not hasattr(torch.compiler, "set_stance"):
         return contextlib.nullcontext()
     return torch.compiler.set_stance("force_eager")
+
+
+def check_zero_stage(ds_config) -> None:
+    """Raise ConfigMismatch when the ds_config (a path or a dict) partitions parameters (ZeRO-3): see the header."""
+    from ofa_ds.training.ds_config import ConfigMismatch, zero_stage
+    from ofa_ds.training.pipeline_strategy import raw_ds_config
+    if zero_stage(raw_ds_config(ds_config)) >= 3:
+        where = ds_config if isinstance(ds_config, str) else "ds_config"
+        raise ConfigMismatch(f"{where}: zero_optimization.stage = 3 together with train.compile=true; ZeRO-3 "
+                             "re-gathers parameters in place between forward and backward, which the compiled "
+                             "graphs' saved tensors do not allow. Use ZeRO 0-2 or train.compile=false.")

@@ -62,7 +62,8 @@ class DenseStrategy:
             if tr.rank == 0:
                 print(f"activation checkpointing on {n} layers", file=sys.stderr, flush=True)
         if tr.run_cfg.train.compile:
-            from ofa_ds.training.compile import compile_model
+            from ofa_ds.training.compile import check_zero_stage, compile_model
+            check_zero_stage(tr.run_cfg.ds_config)
             compile_model(model, tr.device)
         return model
 

@@ -1,6 +1,6 @@
 """train.compile: the compiled model trains to the same losses as the eager one (1e-5 over 20 steps of the debug
-recipe) under ZeRO-0 and ZeRO-3 on two CPU ranks, and a machine without a C++ compiler gets a message and an
-eager model instead of an inductor error."""
+recipe) under ZeRO-0 on two CPU ranks; ZeRO-3 is refused with a clear error; a machine without a C++ compiler gets
+a message and an eager model instead of an inductor error."""
 from __future__ import annotations
 
 import io
@@ -37,7 +37,7 @@ def _train_all(out):
     from ofa_ds.recipes import get_recipe
     from ofa_ds.training.trainer import Trainer
     res = {}
-    for stage, cfg in ((0, "cpu_fp32"), (3, "zero3_fp32")):
+    for stage, cfg in ((0, "cpu_fp32"),):
         for compiled in (False, True):
             run = get_recipe("debug").override([
                 f"ds_config={ROOT}/ds_configs/{cfg}.json", f"out_dir={out}/{cfg}_{compiled}",
@@ -66,7 +66,7 @@ def test_compiled_and_eager_train_to_the_same_losses(tmp_path, synthetic_root):
     res = run_ranks(_worker, synthetic_root, str(tmp_path), timeout=3000)
     assert all(isinstance(r, dict) for r in res.values()), res
     assert res[0] == res[1]                    # the loss is all-reduced: both ranks report the same numbers
-    for stage in (0, 3):
+    for stage in (0,):
         eager, compiled = res[0][(stage, False)], res[0][(stage, True)]
         assert len(eager) == STEPS and eager[0] != eager[-1]
         assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-5), stage
@@ -123,3 +123,11 @@ def test_evaluation_context_runs_compiled_regions_eagerly():
     with eager_unless(True):
         lin(x)
     assert len(graphs) == 1
+
+
+def test_zero3_is_refused():
+    from ofa_ds.training.compile import check_zero_stage
+    from ofa_ds.training.ds_config import ConfigMismatch
+    check_zero_stage(os.path.join(ROOT, "ds_configs", "zero2_fp32.json"))
+    with pytest.raises(ConfigMismatch, match="stage = 3 together with train.compile"):
+        check_zero_stage(os.path.join(ROOT, "ds_configs", "zero3_fp32.json"))
