@@ -31,7 +31,7 @@ JOB = ["--recipe", "debug", "--ds-config", "ds_configs/zero3_fp32.json", "--step
 
 def one_run(out: str, world: int, timeout: float, synthetic: str | None) -> list[tuple[int, str]]:
     """[(exit status, output tail)] per rank of one job (status -N: killed by signal N)."""
-    from ofa_ds.cluster.ports import free_port
+    from ofa_ds.cluster.ports import free_port, remove_shm_buffers
     port = str(free_port())
     procs = []
     for r in range(world):
@@ -55,6 +55,7 @@ def one_run(out: str, world: int, timeout: float, synthetic: str | None) -> list
         err.seek(0)
         res.append((code, err.read()[-4000:]))
         err.close()
+    remove_shm_buffers(int(port))          # DeepSpeed's CPU all-reduce leaves a 66 MB /dev/shm file per rank
     return res
 
 
