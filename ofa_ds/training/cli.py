@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None, default_recipe: str = "default", descrip
         return 0
     from ofa_ds.training import faults
     from ofa_ds.training.trainer import Trainer
-    trainer = Trainer(run, resume=a.resume)
     try:
+        trainer = Trainer(run, resume=a.resume)            # reads the ds_config: its faults are reported too
         report = trainer.run()                             # a "pipeline" block in the ds_config picks the pipeline
     except Exception as e:                                 # noqa: BLE001 (unknown ones are re-raised)
         return faults.report(e)

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Iterator
 
@@ -323,6 +324,9 @@ class Trainer:
             return self.ema.swapped()
         dense = getattr(self.strategy, "dense", None)
         if dense is None or self.last_tag is None:
+            if self.rank == 0:
+                print("warning: train.ema_eval: no checkpoint holds the pipeline's EMA (train.save_final=false?); "
+                      "this evaluation uses the live weights", file=sys.stderr, flush=True)
             return contextlib.nullcontext()
         return ema_mod.loaded_into(dense, os.path.join(self.ckpt_dir, self.last_tag), self.model_cfg)
 

@@ -96,9 +96,11 @@ def test_pipeline_two_replicas_equal_dense_two_ranks(tmp_path, synthetic_root, i
 @pytest.mark.distributed
 def test_pipeline_finetune_vqa_equals_dense(tmp_path, synthetic_root, init_folder):
     """launch/finetune.py --recipe vqa (label smoothing, frozen token table, answer constraints) with the pipeline
-    config = the dense run. Dropout and drop path are switched off: they draw random numbers on different ranks."""
+    config = the dense run. Dropout and drop path are switched off: they draw random numbers on different ranks.
+    The recipe's EMA evaluation is off: without a final checkpoint the pipeline evaluates the live weights."""
     sets = ["data.add_object=false", "train.save_final=false", "train.export_final=false", "eval.max_samples=4",
-            "model.dropout=0.0", "model.encoder_drop_path_rate=0.0", "model.decoder_drop_path_rate=0.0"]
+            "train.ema_eval=false", "model.dropout=0.0", "model.encoder_drop_path_rate=0.0",
+            "model.decoder_drop_path_rate=0.0"]
     args = ["--recipe", "vqa", "--steps", "3", "--init", init_folder]
     dense, pipe = str(tmp_path / "dense"), str(tmp_path / "pipe")
     rep_d = last_json(launch(args + ["--out", dense, "--ds-config", "ds_configs/cpu_fp32.json"], synthetic_root,
