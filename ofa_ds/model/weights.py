@@ -45,6 +45,19 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as asked; the message names the file and the offending entries."""
 
 
+def check_match(where: str, missing: list, unexpected: list, shapes: list) -> None:
+    """Raise one CheckpointError naming (up to 20 of) the missing keys, unexpected keys and shape mismatches."""
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {missing[:20]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {unexpected[:20]}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es): {shapes[:20]}")
+        raise CheckpointError(f"{where}: state dict does not match the model; " + "; ".join(parts))
+
+
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Load an official-layout state dict into `model`, accounting for every key (errors name them)."""
     state = dict(state)
@@ -69,15 +82,7 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], where: s
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {missing[:20]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {unexpected[:20]}")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatch(es): {shapes[:20]}")
-        raise CheckpointError(f"{where}: state dict does not match the model; " + "; ".join(parts))
+    check_match(where, missing, unexpected, shapes)
     for k in ("encoder.token_rp_bucket", "encoder.image_rp_bucket", "decoder.token_rp_bucket",
               "decoder.image_rp_bucket"):
         if not torch.equal(state[k].long(), own[k]):
@@ -203,13 +208,5 @@ def plan_load(own_shapes: dict[str, tuple[int, ...]], source: TensorSource) -> d
     unexpected = sorted(stored - set(own_shapes))
     shapes = [f"{k}: file {source.shape(v)} vs model {tuple(own_shapes[k])}"
               for k, v in plan.items() if v is not None and source.shape(v) != tuple(own_shapes[k])]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {missing[:20]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {unexpected[:20]}")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatch(es): {shapes[:20]}")
-        raise CheckpointError(f"{where}: state dict does not match the model; " + "; ".join(parts))
+    check_match(where, missing, unexpected, shapes)
     return plan
