@@ -8,7 +8,10 @@ What is unusual about OFA, and what this file does about it:
   * Absolute-position bias, shared by all layers: layer-normed position embeddings → pos_q/pos_k linears →
     q·kᵀ per head. Relative-position bias, one table per layer: 1-D buckets on the text×text block, 2-D buckets
     on the image×image block, nothing on the mixed blocks. Cross-attention gets only the absolute term, its key
-    side being the encoder's normalised position embeddings (returned in `EncoderOut.pos_embed`).
+    side being the encoder's normalised position embeddings (returned in `EncoderOut.pos_embed`). Every sample of
+    a batch sits at the same positions, so these biases are built once, [1, H, Lq, Lk], and broadcast over the
+    batch (the attention kernels sum their gradient over it); only a per-sample patch subset (`sample_patch_num`)
+    or per-sample `code_masks` make them [B, H, Lq, Lk].
   * The decoder generates either text or image codes (`code_masks`, per sample): code samples use image position
     ids, image LayerNorms and 2-D relative buckets. When `code_masks` is given both variants are computed and
     selected per sample, so every rank runs the same modules whatever its batch holds (ZeRO-3 needs that).
@@ -156,7 +159,9 @@ def embed_encoder(m: nn.Module, cfg: ModelConfig, token_embeddings: Tensor, src_
     encoder input); `token_embeddings` = embed_tokens(src_tokens) [B, L, C], looked up by the caller (the dense
     model and the pipeline hold the shared token table differently). Dropout follows `m.training`.
     Returns a dict of tensors: x [B, S, C], padding_mask (None when nothing is padding), pos_embed [B, S, C],
-    abs_bias [B, H, S, S] (shared by all layers), image_pid [B, N] or None, num_text L."""
+    abs_bias [P, H, S, S] (shared by all layers), image_pid [P, N] or None, num_text L. Every sample sits at the
+    same positions unless `sample_patch_num` draws a patch subset per sample, so P = 1 (the biases are built once
+    and broadcast over the batch; pos_embed is then a stride-0 view of one row), else P = B."""
     b, L = src_tokens.shape
     # Embedding modules are always *called* (never their .weight read): ZeRO-3 gathers parameters per call.
     types = m.type_embedding(torch.arange(2, device=src_tokens.device))                    # [2, C]
@@ -166,22 +171,23 @@ def embed_encoder(m: nn.Module, cfg: ModelConfig, token_embeddings: Tensor, src_
         x = x + raw_pos
     x = m.layernorm_embedding(x)
     pad = src_tokens.eq(PAD)
-    pos = m.pos_ln(raw_pos)[None].expand(b, -1, -1)
+    pos = m.pos_ln(raw_pos)[None]                                                      # [1, L, C]: every row
     image_pid = None
     if patch_images is not None:
         feats = image_features(m.embed_images, patch_images, cfg.dedup_images)            # [B, 1024, h, w]
         h, w = feats.shape[-2:]
         feats = feats.flatten(2).transpose(1, 2)                                      # [B, h·w, 1024]
-        image_pid = image_position_ids(h, w, cfg.image_bucket_size, feats.device)[None].expand(b, -1)
+        image_pid = image_position_ids(h, w, cfg.image_bucket_size, feats.device)[None]   # [1, N]
         img_pad = torch.zeros(b, h * w, dtype=torch.bool, device=feats.device)
         if patch_masks is not None:
             img_pad = img_pad | ~patch_masks.to(torch.bool)[:, None]
-        if sample_patch_num is not None:
+        if sample_patch_num is not None:                 # a random patch subset per sample: positions differ by row
             k = min(sample_patch_num, h * w)
             order = torch.stack([torch.randperm(h * w, device=feats.device)[:k] for _ in range(b)])  # [B, k]
             feats = feats.gather(1, order[..., None].expand(-1, -1, feats.shape[-1]))
-            image_pid = image_pid.gather(1, order)
+            image_pid = image_pid.expand(b, -1).gather(1, order)
             img_pad = img_pad.gather(1, order)
+            pos = pos.expand(b, -1, -1)
         raw_ipos = m.embed_image_positions(image_pid)
         xi = m.image_proj(feats) + types[1]
         if cfg.entangle_position_embedding:
@@ -194,22 +200,22 @@ def embed_encoder(m: nn.Module, cfg: ModelConfig, token_embeddings: Tensor, src_
     if has_pad:
         x = x * (~pad)[..., None].to(x.dtype)
     abs_bias = _abs_bias(m.pos_q_linear, m.pos_k_linear, pos, pos, cfg.num_heads, m.pos_scaling)
-    return {"x": x, "padding_mask": pad if has_pad else None, "pos_embed": pos, "abs_bias": abs_bias,
-            "image_pid": image_pid, "num_text": L}
+    return {"x": x, "padding_mask": pad if has_pad else None, "pos_embed": pos.expand(b, -1, -1),
+            "abs_bias": abs_bias, "image_pid": image_pid, "num_text": L}
 
 
 def encoder_layer_bias(token_table: nn.Embedding, image_table: nn.Embedding, token_rp_bucket: Tensor,
                        image_rp_bucket: Tensor, abs_bias: Tensor, num_text: int, image_pid: Tensor | None) -> Tensor:
-    """Self-attention bias of one encoder layer, [B, H, S, S]: the shared absolute bias (from `embed_encoder`) +
-    this layer's relative tables, 1-D buckets on the last `num_text` (text) positions, 2-D buckets of the image
-    position ids `image_pid` [B, N] on the first N (image) positions."""
+    """Self-attention bias of one encoder layer, [P, H, S, S]: the shared absolute bias (from `embed_encoder`,
+    P = 1 or B rows) + this layer's relative tables, 1-D buckets on the last `num_text` (text) positions, 2-D
+    buckets of the image position ids `image_pid` [P, N] on the first N (image) positions."""
     bias = abs_bias.clone()
     L = num_text
     rel_t = token_table(token_rp_bucket[:L, :L])                                     # [L, L, H]
     bias[:, :, -L:, -L:] += rel_t.permute(2, 0, 1)[None]
     if image_pid is not None:
         n = image_pid.shape[1]
-        buckets = image_rp_bucket[image_pid[:, :, None], image_pid[:, None, :]]          # [B, N, N]
+        buckets = image_rp_bucket[image_pid[:, :, None], image_pid[:, None, :]]          # [P, N, N]
         bias[:, :, :n, :n] += image_table(buckets).permute(0, 3, 1, 2)
     return bias
 
@@ -225,9 +231,11 @@ def embed_decoder(m: nn.Module, cfg: ModelConfig, token_embeddings: Tensor, prev
     (make_decoder_image_position_idx). With a generation `cache`, the key side of the cross bias (a function of the
     encoder output only) is computed once and kept in cache["pos"]["cross"]["k"], shaped like the cross-attention
     K/V so that beam reordering treats it alike, and the biases come from `_step_biases` (new rows only).
-    Returns a dict: x, self_abs_bias [B, H, T, T] (with a cache: [1 or B, H, T−start, T]), cross_bias
-    [B, H, T−start, S] (grouped as `_step_biases` says when the encoder has fewer rows), code_masks ([B] bool or
-    None), self_padding_mask (None when nothing is padding), start."""
+    Returns a dict: x, self_abs_bias [P, H, T, T] (with a cache: [1 or B, H, T−start, T]), cross_bias
+    [P, H, T−start, S] (grouped as `_step_biases` says when the encoder has fewer rows), code_masks ([B] bool or
+    None), self_padding_mask (None when nothing is padding), start. Without a cache and without code_masks every
+    row sits at the same positions, so the self bias has P = 1 row (broadcast over the batch), and so has the cross
+    bias when `enc_pos_embed` is a stride-0 view of one row (as `embed_encoder` returns it); else P = B."""
     b, T = prev_output_tokens.shape
     dev = prev_output_tokens.device
     heads, s = cfg.num_heads, m.pos_scaling
@@ -249,9 +257,13 @@ def embed_decoder(m: nn.Module, cfg: ModelConfig, token_embeddings: Tensor, prev
             raw = torch.where(cm, img_pos, tok_pos)                                      # [B, T, C]
             pos = torch.where(cm, m.image_pos_ln(raw), m.pos_ln(raw))
         else:
-            pos = m.pos_ln(tok_pos).expand(b, -1, -1)
+            pos = m.pos_ln(tok_pos)                                                      # [1, T, C]: every row
         self_abs = _abs_bias(m.self_pos_q_linear, m.self_pos_k_linear, pos, pos, heads, s)
-        cross_k = _pos_heads(m.cross_pos_k_linear, enc_pos_embed, heads)                # [B, H, S, d]
+        if enc_pos_embed.shape[0] == b and enc_pos_embed.stride(0) == 0:
+            enc_pos_embed = enc_pos_embed[:1]          # a stride-0 view of one row (embed_encoder): project it once
+        elif enc_pos_embed.shape[0] != b:
+            pos = pos.expand(b, -1, -1)                # grouped cross-attention takes a bias per decoder row
+        cross_k = _pos_heads(m.cross_pos_k_linear, enc_pos_embed, heads)                # [1 or B, H, S, d]
         cross = torch.matmul(_pos_heads(m.cross_pos_q_linear, pos[:, start:], heads) * s,
                              cross_k.transpose(-1, -2))
     x = token_embeddings
@@ -300,10 +312,10 @@ def _step_biases(m: nn.Module, heads: int, s: float, tok_pos: Tensor, image_posi
 def decoder_layer_bias(token_table: nn.Embedding, image_table: nn.Embedding, token_rp_bucket: Tensor,
                        image_rp_bucket: Tensor, image_position_idx: Tensor, self_abs_bias: Tensor,
                        code_masks: Tensor | None, start: int = 0) -> Tensor:
-    """Self-attention bias of one decoder layer for the query rows start…T−1, [B, H, T−start, T]: the shared
-    absolute bias (from `embed_decoder`: [B, H, T, T], or only its last rows [B or 1, H, T−start, T] when
-    incremental) + this layer's relative table, 1-D buckets for text samples, 2-D buckets of the code positions
-    for the samples whose `code_masks` [B] (bool) is set."""
+    """Self-attention bias of one decoder layer for the query rows start…T−1, [P, H, T−start, T]: the shared
+    absolute bias (from `embed_decoder`: [P, H, T, T] with P = 1 or B, or only its last rows [B or 1, H, T−start,
+    T] when incremental) + this layer's relative table, 1-D buckets for text samples, 2-D buckets of the code
+    positions for the samples whose `code_masks` [B] (bool) is set (then P = B)."""
     T = self_abs_bias.shape[-1]
     q0 = T - self_abs_bias.shape[-2]                        # first query row held in self_abs_bias
     if T > token_rp_bucket.shape[0]:       # only image codes run past the text table (bos + 1,024 codes = 1,025)
