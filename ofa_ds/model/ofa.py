@@ -15,7 +15,9 @@ What is unusual about OFA, and what this file does about it:
   * The decoder generates either text or image codes (`code_masks`, per sample): code samples use image position
     ids, image LayerNorms and 2-D relative buckets. When `code_masks` is given both variants are computed and
     selected per sample, so every rank runs the same modules whatever its batch holds (ZeRO-3 needs that).
-  * One V×C token table is shared by the encoder input, the decoder input and the output projection.
+  * One V×C token table is shared by the encoder input, the decoder input and the output projection. In
+    `OFAModel.forward` (eager) the look-up's gradient is sparse: autograd adds its rows into the output
+    projection's dense gradient of the same weight (`TokenEmbedding`).
   * Samples that carry the same image (OFA's pretraining pairs) share one ResNet pass (`dedup_images`).
   * `sample_patch_num` keeps a random subset of image tokens (with their true position ids) per sample.
   * Incremental decoding: pass a `cache` dict to `decode`; positions already cached are skipped. Position biases
@@ -108,6 +110,17 @@ def add_decoder_embeddings(m: nn.Module, cfg: ModelConfig) -> None:
     m.cross_pos_k_linear = nn.Linear(c, c)
     m.code_layernorm_embedding = LayerNorm(c, be)
     m.pos_scaling = (cfg.head_dim * cfg.attn_scale_factor) ** -0.5
+
+
+class TokenEmbedding(nn.Embedding):
+    """The shared V×C token table: nn.Embedding (same parameter name) whose lookup can return its gradient as a
+    sparse tensor of the looked-up rows (`sparse_grad=True`). `OFAModel.forward` asks for it because the same weight
+    also receives the output projection's dense gradient in the same backward: autograd adds the rows into that
+    dense gradient, instead of zero-filling a second V×C tensor (V = 59,457) and adding the two."""
+
+    def forward(self, input: Tensor, sparse_grad: bool = False) -> Tensor:   # type: ignore[override]
+        return F.embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse or sparse_grad)
 
 
 def distinct_images(images: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -484,7 +497,7 @@ class OFAModel(nn.Module):
         time."""
         super().__init__()
         self.cfg = cfg
-        embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=PAD)
+        embed_tokens = TokenEmbedding(cfg.vocab_size, cfg.d_model, padding_idx=PAD)
         self.encoder = Encoder(cfg, embed_tokens)
         self.decoder = Decoder(cfg, embed_tokens)
         if init:
@@ -526,10 +539,13 @@ class OFAModel(nn.Module):
         and a padded batch would spend it on every pad position). `ofa_ds.losses` accepts both shapes."""
         if prev_output_tokens is None:
             raise ValueError("OFAModel.forward needs prev_output_tokens (decoder input, starting with bos=0)")
-        # One look-up of the shared table for both token sets: in training, one dense V×C gradient (zero-filled,
-        # then added to the output projection's) instead of two.
+        # One look-up of the shared table for both token sets. Its gradient is sparse (the looked-up rows), added by
+        # autograd into the dense gradient the output projection below gives the same weight, so no V×C tensor is
+        # zero-filled for it. Eager only: a compiled graph keeps the plain dense gradient.
         n = src_tokens.numel()
-        rows = self.encoder.embed_tokens(torch.cat([src_tokens.reshape(-1), prev_output_tokens.reshape(-1)]))
+        sparse = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        rows = self.encoder.embed_tokens(torch.cat([src_tokens.reshape(-1), prev_output_tokens.reshape(-1)]),
+                                         sparse_grad=sparse)
         src_emb = rows[:n].view(*src_tokens.shape, -1)
         prev_emb = rows[n:].view(*prev_output_tokens.shape, -1)
         enc = self.encoder(src_tokens, patch_images, patch_masks, sample_patch_num, token_embeddings=src_emb)
