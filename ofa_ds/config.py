@@ -272,7 +272,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute each encoder/decoder layer in the backward pass instead of keeping its activations."""
     compile: bool = False
-    """Run the ResNet stem and every encoder/decoder layer through torch.compile (inductor; dense strategy, ZeRO 0-2;
+    """Run the ResNet and every encoder/decoder layer through torch.compile (inductor; dense strategy, ZeRO 0-3;
     ofa_ds/training/compile.py). Same losses as eager within fp32 round-off; pays a compile time at the first steps
     and at the first new shapes (docs/training.md#compiled-training). Without a C++ compiler on a CPU machine the run
     says so and stays eager."""

@@ -2,17 +2,25 @@
 
 What is unusual:
   * What is compiled is a set of regions, not the whole model: every encoder layer, every decoder layer and the
-    ResNet stem, each by `nn.Module.compile()` (in place: parameter names, state dicts and checkpoints are unchanged,
-    and DeepSpeed's hooks stay on the same modules). The layers of one stack share their code, so Dynamo
-    compiles a layer once and reuses it for the others (a whole-model compile traces every layer separately and
-    breaks at the model's data-dependent Python anyway: the duplicate-image check, the "any padding?" tests, the
-    packed logits). The Triton attention and LayerNorm are torch custom ops (ofa_ds/kernels), so they sit inside
-    the compiled graphs as opaque calls.
-  * ZeRO-3 is refused (`check_zero_stage`): its per-module hooks gather and release each parameter in place between
-    forward and backward, and the compiled graphs keep the parameters as saved tensors, so the backward fails with
-    "modified by an inplace operation" (measured on two CPU ranks). ZeRO 0-2 leave the parameters alone.
-    DeepSpeed's own `engine.compile()` compiles the whole module with the same `module.compile()`, so it meets the
-    same problem; its DeepCompile backend (which compiles the gathers themselves) is GPU-only and is not used.
+    ResNet, each in place (parameter names, state dicts and checkpoints are unchanged, and DeepSpeed's hooks stay on
+    the same modules): by `nn.Module.compile()` under ZeRO 0-2, as below under ZeRO-3. The layers of one stack share
+    their code, so Dynamo compiles a layer once and reuses it for the others (a whole-model compile traces every
+    layer separately and breaks at the model's data-dependent Python anyway: the duplicate-image check, the "any
+    padding?" tests, the packed logits). The Triton attention and LayerNorm are torch custom ops (ofa_ds/kernels),
+    so they sit inside the compiled graphs as opaque calls.
+  * Under ZeRO-3 the same regions are compiled another way (`compile_zero3`). `nn.Module.compile()` would put
+    DeepSpeed's per-submodule hooks inside the compiled code: every Linear's gather hook is a graph break, the graphs
+    are fragments between them, DeepSpeed's own hooks are traced and recompiled until Dynamo's recompile limit, and
+    the first step compiles for minutes; the debug recipe's backward then failed at step 9 with "modified by an
+    inplace operation" (two CPU ranks). Instead each region becomes a DeepSpeed ZeRO-3 leaf module: one hook gathers
+    all its parameters before its forward and releases them after it, one gathers them again before its backward,
+    and no hook sits inside it. Only the region's `forward` is compiled, so these hooks run eagerly around one graph
+    per region in which the parameters are ordinary, already gathered inputs (no graph breaks). The price is
+    DeepSpeed's granularity: a whole layer's (or the ResNet's) parameters are live at once instead of one Linear's.
+  * DeepSpeed reduces a leaf's gradients in a full backward hook, which fires once the gradients of the region's
+    inputs exist. The ResNet's input (the images) needs no gradient, so the hook would fire before the parameter
+    gradients: a forward pre-hook (`_input_requires_grad`) makes such an input a leaf that requires a gradient. The
+    only extra work is the first convolution's gradient with respect to the images, which is discarded.
   * Inductor on CPU generates C++ and needs a C++ compiler. Without one, `compile_model` prints why and leaves the
     model eager (the run still trains); `check_cpu_compiler` is the test.
   * Shapes vary from batch to batch (sequence lengths, image counts): after the first new shape Dynamo recompiles
@@ -70,14 +78,44 @@ def regions(model: nn.Module) -> list[nn.Module]:
     return out
 
 
-def compile_model(model: nn.Module, device: torch.device, *, backend: str = "inductor", log=sys.stderr) -> bool:
-    """Compile the regions of `model` in place (see the header). Returns False, after saying why on `log`, when
-    the model stays eager (inductor on a CPU without a working C++ compiler)."""
+def _input_requires_grad(module: nn.Module, args: tuple):
+    """Forward pre-hook of a ZeRO-3 region: a first input that needs no gradient (the images entering the ResNet)
+    becomes a leaf that does, so DeepSpeed's leaf-module backward hook fires after the region's parameter
+    gradients exist (see the header)."""
+    x = args[0] if args else None
+    if module.training and torch.is_grad_enabled() and torch.is_tensor(x) and x.is_floating_point() \
+            and not x.requires_grad:
+        return (x.detach().requires_grad_(), *args[1:])
+    return None
+
+
+def compile_zero3(model: nn.Module, backend: str) -> list[nn.Module]:
+    """Make every region a DeepSpeed ZeRO-3 leaf module and compile its `forward` (see the header); must run before
+    `deepspeed.initialize`, which registers DeepSpeed's hooks. Returns the regions."""
+    from deepspeed.utils import z3_leaf_module
+    out = regions(model)
+    for m in out:
+        m._z3_leaf = True                     # what deepspeed.utils.set_z3_leaf_module(s) sets, per instance
+        if not z3_leaf_module(m):
+            raise RuntimeError(f"train.compile: DeepSpeed does not take {type(m).__name__} as a ZeRO-3 leaf module")
+        m.register_forward_pre_hook(_input_requires_grad)
+        m.forward = torch.compile(m.forward, backend=backend)
+    return out
+
+
+def compile_model(model: nn.Module, device: torch.device, *, backend: str = "inductor", zero3: bool = False,
+                  log=sys.stderr) -> bool:
+    """Compile the regions of `model` in place (see the header; `zero3`: the model is partitioned by ZeRO-3 and not
+    yet wrapped by DeepSpeed). Returns False, after saying why on `log`, when the model stays eager (inductor on a
+    CPU without a working C++ compiler)."""
     if backend == "inductor" and device.type == "cpu":
         why = check_cpu_compiler()
         if why is not None:
             print(f"train.compile: {why}; training continues without compiling", file=log, flush=True)
             return False
+    if zero3:
+        compile_zero3(model, backend)
+        return True
     for m in regions(model):
         m.compile(backend=backend)
     return True
@@ -89,14 +127,3 @@ def eager_unless(compiled: bool):
     if compiled or not hasattr(torch.compiler, "set_stance"):
         return contextlib.nullcontext()
     return torch.compiler.set_stance("force_eager")
-
-
-def check_zero_stage(ds_config) -> None:
-    """Raise ConfigMismatch when the ds_config (a path or a dict) partitions parameters (ZeRO-3): see the header."""
-    from ofa_ds.training.ds_config import ConfigMismatch, zero_stage
-    from ofa_ds.training.pipeline_strategy import raw_ds_config
-    if zero_stage(raw_ds_config(ds_config)) >= 3:
-        where = ds_config if isinstance(ds_config, str) else "ds_config"
-        raise ConfigMismatch(f"{where}: zero_optimization.stage = 3 together with train.compile=true; ZeRO-3 "
-                             "re-gathers parameters in place between forward and backward, which the compiled "
-                             "graphs' saved tensors do not allow. Use ZeRO 0-2 or train.compile=false.")

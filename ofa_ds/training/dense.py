@@ -47,7 +47,8 @@ class DenseStrategy:
     def build(self, tr, init: OFAModel | ShardedInit | None) -> torch.nn.Module:
         ds = tr.run_cfg.ds_config
         raw = load_ds_json(ds) if isinstance(ds, str) and ds else (ds or {})
-        if isinstance(init, ShardedInit) or zero_stage(raw) == 3:
+        sharded = isinstance(init, ShardedInit) or zero_stage(raw) == 3
+        if sharded:
             # built under zero.Init (its ZeRO-3 block and precision from the resolved config): no rank ever holds
             # all parameters
             cfg = build_ds_config(tr.run_cfg.ds_config, tr.run_cfg, tr.world)
@@ -62,9 +63,8 @@ class DenseStrategy:
             if tr.rank == 0:
                 print(f"activation checkpointing on {n} layers", file=sys.stderr, flush=True)
         if tr.run_cfg.train.compile:
-            from ofa_ds.training.compile import check_zero_stage, compile_model
-            check_zero_stage(tr.run_cfg.ds_config)
-            compile_model(model, tr.device)
+            from ofa_ds.training.compile import compile_model
+            compile_model(model, tr.device, zero3=sharded)
         return model
 
     def data_shard(self, tr) -> tuple[int, int]:
