@@ -14,7 +14,8 @@ What is unusual:
     2-thread fp32 GEMM peak is ~340 GFLOP/s this measures ~68 GFLOP/s, the peak of the slowest 2-core machines this
     project runs on (an AMD EPYC at ~67). It is an emulation, not that machine: element-wise kernels run scalar
     (slower than an AVX2 machine would run them) while memory bandwidth and caches stay the Xeon's. The row records
-    the setting and the measured peak; read it as "a machine with this GEMM peak", nothing finer.
+    the setting and the measured peak; read it as "a machine with this GEMM peak", nothing finer (its calibration
+    against the real slow machine: docs/benchmarks.md#the-default-runs-wall-time).
   * `--data DIR` reuses an existing synthetic data folder (a symlink into the empty run folder): the figure is then
     the run without the first-use generation, and the row says so (`fresh_data` = 0).
 """
