@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.common import append_csv, base_row  # noqa: E402
+from ofa_ds.cluster.ports import free_port  # noqa: E402
 
 ISA_ENV = {
     "native": {},
@@ -48,13 +50,6 @@ def peak(env: dict, threads: int) -> float:
             "from benchmarks.common import gemm_peak_gflops; print(gemm_peak_gflops(seconds=2.0))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -97,7 +92,6 @@ def main() -> None:
     if a.keep:
         print("run folder:", work)
     else:
-        import shutil
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -40,7 +40,7 @@ import torch
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
-from benchmarks.common import append_csv, base_row, gemm_peak_gflops  # noqa: E402
+from benchmarks.common import append_csv, base_row, gemm_peak_gflops, git_commit  # noqa: E402
 
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
             "aten::convolution_backward", "aten::_mkldnn_convolution", "aten::mkldnn_linear",
@@ -351,15 +351,10 @@ def compare(a) -> list[dict]:
             row[key] = round(statistics.median(r[key] for r in rs), 3)
         row["steps"] = a.steps * a.rounds
         row["variant"] = k
-        row["commit_tested"] = _commit(trees[k])
+        row["commit_tested"] = git_commit(trees[k])
         rows.append(row)
     rows[1]["speedup_vs_before"] = round(rows[0]["step_ms"] / rows[1]["step_ms"], 3)
     return rows
-
-
-def _commit(tree: str) -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=tree)
-    return out.stdout.strip() or "unknown"
 
 
 CSV_FIELDS = ["date", "commit", "machine", "torch", "variant", "commit_tested", "preset", "mode", "batch",

@@ -12,13 +12,14 @@ import torch
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def git_commit() -> str:
-    """HEAD's short hash; OFA_DS_COMMIT overrides it (a copied tree without .git, e.g. on a benchmark machine)."""
-    if os.environ.get("OFA_DS_COMMIT"):
+def git_commit(tree: str | None = None) -> str:
+    """HEAD's short hash of this checkout, or of the checkout `tree`; for this checkout OFA_DS_COMMIT overrides it (a
+    copied tree without .git, e.g. on a benchmark machine)."""
+    if tree is None and os.environ.get("OFA_DS_COMMIT"):
         return os.environ["OFA_DS_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
+                             cwd=tree or os.path.dirname(os.path.abspath(__file__)), timeout=10)
         return out.stdout.strip() or "unknown"
     except Exception:
         return "unknown"

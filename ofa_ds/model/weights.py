@@ -27,7 +27,7 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -36,8 +36,9 @@ from ofa_ds.config import ModelConfig
 
 TIED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "decoder.output_projection.weight")
 # Index buffers the model recomputes from constants; an official file must carry them, a folder need not.
-DERIVED_BUFFERS = ("encoder.token_rp_bucket", "encoder.image_rp_bucket", "decoder.token_rp_bucket",
-                   "decoder.image_rp_bucket", "decoder.image_position_idx", "encoder.version", "decoder.version")
+BUCKET_TABLES = ("encoder.token_rp_bucket", "encoder.image_rp_bucket", "decoder.token_rp_bucket",
+                 "decoder.image_rp_bucket")
+DERIVED_BUFFERS = BUCKET_TABLES + ("decoder.image_position_idx", "encoder.version", "decoder.version")
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 
@@ -56,6 +57,15 @@ def check_match(where: str, missing: list, unexpected: list, shapes: list) -> No
         if shapes:
             parts.append(f"{len(shapes)} shape mismatch(es): {shapes[:20]}")
         raise CheckpointError(f"{where}: state dict does not match the model; " + "; ".join(parts))
+
+
+def check_bucket_tables(read: Callable[[str], torch.Tensor | None], own: dict[str, torch.Tensor], where: str) -> None:
+    """The relative-position bucket tables a checkpoint carries (`read(key)`, None when absent) must be the ones the
+    model builds (`own`: its buffers)."""
+    for k in BUCKET_TABLES:
+        stored = read(k)
+        if stored is not None and not torch.equal(stored.long(), own[k]):
+            raise CheckpointError(f"{where}: buffer {k} differs from the bucket table OFA defines")
 
 
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -83,10 +93,7 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], where: s
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     check_match(where, missing, unexpected, shapes)
-    for k in ("encoder.token_rp_bucket", "encoder.image_rp_bucket", "decoder.token_rp_bucket",
-              "decoder.image_rp_bucket"):
-        if not torch.equal(state[k].long(), own[k]):
-            raise CheckpointError(f"{where}: buffer {k} differs from the bucket table OFA defines")
+    check_bucket_tables(state.get, own, where)
     model.load_state_dict(state, strict=True)
 
 

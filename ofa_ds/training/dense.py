@@ -29,7 +29,7 @@ import torch.distributed as dist
 from ofa_ds.losses import pair_loss
 from ofa_ds.model import OFAModel
 from ofa_ds.training.checkpoints import consolidated_state_dict
-from ofa_ds.training.ds_config import build_ds_config, load_ds_json, zero_stage
+from ofa_ds.training.ds_config import build_ds_config, raw_ds_config, zero_stage
 from ofa_ds.training.engine import all_reduce
 from ofa_ds.training.evaluate import net_input, to_device
 from ofa_ds.training.objective import MicroSizes, batch_loss, parts_of
@@ -45,9 +45,7 @@ class DenseStrategy:
         """Nothing to check: any world size works."""
 
     def build(self, tr, init: OFAModel | ShardedInit | None) -> torch.nn.Module:
-        ds = tr.run_cfg.ds_config
-        raw = load_ds_json(ds) if isinstance(ds, str) and ds else (ds or {})
-        sharded = isinstance(init, ShardedInit) or zero_stage(raw) == 3
+        sharded = isinstance(init, ShardedInit) or zero_stage(raw_ds_config(tr.run_cfg.ds_config)) == 3
         if sharded:
             # built under zero.Init (its ZeRO-3 block and precision from the resolved config): no rank ever holds
             # all parameters

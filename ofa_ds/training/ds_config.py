@@ -49,6 +49,13 @@ def load_ds_json(path: str) -> dict:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
+def raw_ds_config(ds: str | dict | None) -> dict:
+    """A ds_config as written (a path is read; nothing = {}), before build_ds_config fills its 'auto' fields."""
+    if not ds:
+        return {}
+    return load_ds_json(ds) if isinstance(ds, str) else ds
+
+
 def json_precision(ds: dict) -> str | None:
     """The precision a JSON fixes on its own (None when both blocks are absent or "auto")."""
     bf, fp = ds.get("bf16", {}).get("enabled"), ds.get("fp16", {}).get("enabled")

@@ -50,16 +50,10 @@ from ofa_ds.model import OFAModel
 from ofa_ds.training import pipeline
 from ofa_ds.training.checkpoints import tag_for
 from ofa_ds.training.ds_compat import before_optimizer_step
-from ofa_ds.training.ds_config import ConfigMismatch, build_ds_config, load_ds_json, zero_stage
+from ofa_ds.training.ds_config import ConfigMismatch, build_ds_config, raw_ds_config, zero_stage
 from ofa_ds.training.engine import all_reduce
 from ofa_ds.training.evaluate import to_device
 from ofa_ds.training.objective import MicroSizes, batch_loss, parts_of
-
-
-def raw_ds_config(ds: str | dict | None) -> dict:
-    if not ds:
-        return {}
-    return load_ds_json(ds) if isinstance(ds, str) else ds
 
 
 def has_pipeline_block(ds: str | dict | None) -> bool:

@@ -44,12 +44,12 @@ from ofa_ds.training import cpu_malloc, evaluate, prompt_tuning, scst
 from ofa_ds.training.checkpoints import (RUN_OWN_MODEL_FIELDS, check_resume_model, find_resume_tag, load_checkpoint,
                                          resume_failure, save_checkpoint, tag_for)
 from ofa_ds.training.dense import DenseStrategy
-from ofa_ds.training.ds_config import resolve_ds_path, resolve_precision, zero_stage
+from ofa_ds.training.ds_config import raw_ds_config, resolve_ds_path, resolve_precision, zero_stage
 from ofa_ds.training.engine import all_reduce, grad_norm, init_distributed, initialize, loss_scale
 from ofa_ds.training.faults import RunFault, check_readable, check_writable, write_failure
 from ofa_ds.training.metrics_log import MetricsLogger, device_peak_tflops, peak_mem_gib
 from ofa_ds.training.objective import micro_batch_sizes, parts_of
-from ofa_ds.training.pipeline_strategy import PipelineStrategy, has_pipeline_block, raw_ds_config
+from ofa_ds.training.pipeline_strategy import PipelineStrategy, has_pipeline_block
 from ofa_ds.training.zero3 import ShardedInit, open_sharded_init
 
 BAD_ROW_CATEGORIES = tuple(CATEGORIES)
@@ -115,9 +115,10 @@ class Trainer:
             self._ensure_synthetic(run.synthetic_root)
         self._check_inputs(run)
         torch.manual_seed(run.train.seed)
-        sharded = isinstance(strategy, DenseStrategy) and zero_stage(raw_ds_config(run.ds_config)) == 3
+        raw_ds = raw_ds_config(run.ds_config)
+        sharded = isinstance(strategy, DenseStrategy) and zero_stage(raw_ds) == 3
         init = load_init(run, self.rank if sharded else None)      # ZeRO-3: built sharded (training/zero3.py)
-        self.precision = resolve_precision(run.train.precision, raw_ds_config(run.ds_config))
+        self.precision = resolve_precision(run.train.precision, raw_ds)
         model_cfg = prompt_tuning.model_config(run, init.cfg if init is not None else run.model)
         self.run_cfg = dataclasses.replace(run, model=model_cfg,
                                        train=dataclasses.replace(run.train, precision=self.precision))

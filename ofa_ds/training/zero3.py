@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from ofa_ds.config import ModelConfig
 from ofa_ds.model import OFAModel
-from ofa_ds.model.weights import DERIVED_BUFFERS, CheckpointError, TensorSource, plan_load
+from ofa_ds.model.weights import DERIVED_BUFFERS, CheckpointError, TensorSource, check_bucket_tables, plan_load
 
 
 @dataclass
@@ -106,7 +106,8 @@ def load_module_by_module(model: OFAModel, init: ShardedInit) -> None:
     if rank == 0:
         try:
             plan = plan_load(full_shapes(model), init.source)
-            _check_buckets(model, init.source, plan)
+            check_bucket_tables(lambda k: None if plan.get(k) is None else init.source.get(plan[k]),
+                                dict(model.named_buffers()), init.source.where)
         except CheckpointError as e:
             err = str(e)
     box = [err]
@@ -133,13 +134,4 @@ def load_module_by_module(model: OFAModel, init: ShardedInit) -> None:
                 if rank == 0:
                     b.copy_(init.source.get(plan[key]))
                 dist.broadcast(b, src=0)
-
-
-def _check_buckets(model: OFAModel, source: TensorSource, plan: dict) -> None:
-    """The relative-position bucket tables a file carries must be the ones the model builds (as load_state_strict)."""
-    own = dict(model.named_buffers())
-    for k in ("encoder.token_rp_bucket", "encoder.image_rp_bucket", "decoder.token_rp_bucket",
-              "decoder.image_rp_bucket"):
-        if plan.get(k) is not None and not torch.equal(source.get(plan[k]).long(), own[k]):
-            raise CheckpointError(f"{source.where}: buffer {k} differs from the bucket table OFA defines")
 
