@@ -62,6 +62,9 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the run folder (printed)")
     ap.add_argument("--no-csv", action="store_true")
     a = ap.parse_args()
+    if a.data and not os.path.isfile(os.path.join(a.data, "manifest.json")):
+        sys.exit(f"--data {a.data}: not a synthetic data folder (no manifest.json); give the data/synthetic folder "
+                 "a default run generated, or leave --data out")
 
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **ISA_ENV[a.isa])
     env.pop("OFA_DS_SYNTHETIC", None)
